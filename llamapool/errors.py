@@ -1,0 +1,52 @@
+"""The exception tree.
+
+Inside a process errors are exceptions; at the boundaries they become data: an HTTP error body,
+an ``http_proxy_response_end`` error on the wire, or one line from the CLI.
+"""
+
+from __future__ import annotations
+
+
+class LlamapoolError(Exception):
+    """Root of every error llamapool raises on purpose."""
+
+
+class ConfigError(LlamapoolError):
+    """A setting is missing or has a value we cannot use."""
+
+
+class PluginError(LlamapoolError):
+    """A backend plugin is missing, fails to import, or is not a backend."""
+
+
+class ProtocolError(LlamapoolError):
+    """A peer sent a message that does not follow the wire protocol."""
+
+
+class RoutingError(LlamapoolError):
+    """No worker can take a request right now; ``status`` is the HTTP status to answer with."""
+
+    status = 503
+    code = "routing_error"
+
+
+class NoWorkerError(RoutingError):
+    """No connected worker serves the model (or the API path) that was asked for."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class WorkersBusyError(RoutingError):
+    """Workers serve the model, but every one of them is at its max concurrency."""
+
+    status = 503
+    code = "workers_busy"
+
+
+class WorkerGoneError(LlamapoolError):
+    """The worker handling a request disconnected before the request ended."""
+
+
+class BackendError(LlamapoolError):
+    """The worker could not reach its backend or the backend failed mid-answer."""

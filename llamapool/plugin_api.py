@@ -1,0 +1,107 @@
+"""The contract between the worker and a backend plugin: the only module a plugin imports.
+
+A backend adapter is a small strategy object. It tells the worker how to reach one kind of LLM
+runtime: which public API paths it serves and at which upstream URL, which headers to add, and
+how to list the runtime's models. It never translates a protocol; request and response bytes go
+through unchanged. The worker owns the HTTP session and the request loop.
+
+To add a backend, subclass :class:`Backend` and declare it in your distribution::
+
+    [options.entry_points]
+    llamapool.backends =
+        mybackend = my_package:MyBackend
+
+Then run ``llamapool work --backend mybackend``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import aiohttp
+import attrs
+
+from llamapool.errors import BackendError
+
+__all__ = [
+    "API_VERSION",
+    "OLLAMA_PATHS",
+    "OPENAI_PATHS",
+    "Backend",
+    "BackendError",
+    "BackendSettings",
+    "fetch_json",
+]
+
+#: Bumped when the contract changes incompatibly; a plugin may check it at import.
+API_VERSION = 1
+
+#: The OpenAI API paths the server relays.
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+#: The Ollama native API paths the server relays.
+OLLAMA_PATHS = frozenset({"/api/generate", "/api/chat", "/api/embed"})
+
+
+@attrs.frozen
+class BackendSettings:
+    """Where the runtime is and how to authenticate to it."""
+
+    url: str
+    api_key: str = attrs.field(default="", repr=False)
+
+
+class Backend(abc.ABC):
+    """One kind of LLM runtime, as the worker sees it.
+
+    Subclasses set :attr:`paths` and :attr:`default_url` and implement :meth:`list_models`;
+    the rest has defaults that suit most HTTP runtimes.
+    """
+
+    #: Public API paths (as clients call the server) this backend can serve.
+    paths: ClassVar[frozenset[str]]
+    #: Base URL used when the operator gives none.
+    default_url: ClassVar[str]
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self.settings = settings
+
+    @property
+    def base_url(self) -> str:
+        return (self.settings.url or self.default_url).rstrip("/")
+
+    def upstream_url(self, path: str) -> str:
+        """The runtime's URL for a public API path in :attr:`paths`."""
+        return self.base_url + path
+
+    def auth_headers(self) -> Mapping[str, str]:
+        """Headers that authenticate the worker to the runtime (never the client's)."""
+        if self.settings.api_key:
+            return {"Authorization": f"Bearer {self.settings.api_key}"}
+        return {}
+
+    @abc.abstractmethod
+    async def list_models(self, http: aiohttp.ClientSession) -> list[str]:
+        """The model ids the runtime serves now; raise :class:`BackendError` if it is down."""
+
+    async def start(self) -> None:
+        """Acquire what the backend needs before serving (most need nothing)."""
+
+    async def close(self) -> None:
+        """Release what :meth:`start` acquired."""
+
+
+async def fetch_json(
+    http: aiohttp.ClientSession, url: str, *, headers: Mapping[str, str] | None = None
+) -> Any:
+    """GET ``url`` and decode its JSON body, turning every failure into :class:`BackendError`."""
+    try:
+        async with http.get(url, headers=headers) as resp:
+            if resp.status != 200:
+                raise BackendError(f"GET {url} answered HTTP {resp.status}")
+            return await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BackendError(f"GET {url} failed: {exc or type(exc).__name__}") from None
+    except ValueError:
+        raise BackendError(f"GET {url} did not answer JSON") from None
