@@ -1,0 +1,101 @@
+"""Settings of the two processes, as attrs classes.
+
+Every setting has the Go version's environment variable name, so existing env files keep
+working; the CLI (:mod:`llamapool.cli`) maps flags and variables onto these classes.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import uuid
+
+import attrs
+
+from llamapool.errors import ConfigError
+
+DEFAULT_WS_PATH = "/workers/connect"
+MIB = 1024 * 1024
+
+
+def _keys(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Comma-separated keys; several keys let an operator rotate them without downtime."""
+    if isinstance(value, tuple):
+        return value
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
+@attrs.frozen(kw_only=True)
+class ServeConfig:
+    """What ``llamapool serve`` needs."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    metrics_port: int | None = None
+    api_keys: tuple[str, ...] = attrs.field(default=(), converter=_keys, repr=False)
+    worker_keys: tuple[str, ...] = attrs.field(default=(), converter=_keys, repr=False)
+    ws_path: str = attrs.field(default=DEFAULT_WS_PATH)
+    #: Seconds one request may take from start to end.
+    request_timeout: float = 300.0
+    #: Largest request body accepted from a client.
+    max_body_size: int = 16 * MIB
+    #: Seconds of silence after which a worker is evicted (Go: 15 s).
+    worker_timeout: float = 15.0
+    #: Seconds a new worker connection has to send its register message.
+    register_timeout: float = 10.0
+
+    @ws_path.validator
+    def _check_ws_path(self, _: attrs.Attribute[str], value: str) -> None:
+        if not value.startswith("/"):
+            raise ConfigError(f"WS_PATH must start with '/', got {value!r}")
+
+
+def _default_worker_id() -> str:
+    return uuid.uuid4().hex
+
+
+@attrs.frozen(kw_only=True)
+class WorkConfig:
+    """What ``llamapool work`` needs."""
+
+    server_url: str = attrs.field(default="ws://127.0.0.1:8080" + DEFAULT_WS_PATH)
+    worker_key: str = attrs.field(default="", repr=False)
+    backend: str = "ollama"
+    backend_url: str = ""
+    backend_api_key: str = attrs.field(default="", repr=False)
+    max_concurrency: int = attrs.field(default=2)
+    worker_id: str = attrs.field(factory=_default_worker_id)
+    worker_name: str = attrs.field(factory=socket.gethostname)
+    #: Seconds between heartbeats (Go: 5 s).
+    heartbeat_interval: float = 5.0
+    #: Cap of the exponential reconnect backoff, in seconds.
+    reconnect_max: float = 30.0
+
+    @server_url.validator
+    def _check_url(self, _: attrs.Attribute[str], value: str) -> None:
+        if not re.match(r"^(ws|wss|http|https)://[^/]+", value):
+            raise ConfigError(f"SERVER_URL must be a ws:// or wss:// URL, got {value!r}")
+
+    @max_concurrency.validator
+    def _check_concurrency(self, _: attrs.Attribute[int], value: int) -> None:
+        if value < 1:
+            raise ConfigError(f"MAX_CONCURRENCY must be at least 1, got {value}")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``1.5``, ``500ms``, ``30s``, ``2m``, ``1h`` or Go's ``1m30s``.
+
+    A bare number is seconds; ``-1`` stays ``-1`` (used for "wait forever").
+    """
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if not text or _DURATION.sub("", text) != "":
+        raise ConfigError(f"not a duration: {text!r} (try 30s, 2m or 1m30s)")
+    return sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(text))

@@ -1,0 +1,130 @@
+"""Run the server, a worker, or both (the demo) until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import secrets
+import signal
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from llamapool.backends.demo import DEMO_MODELS, DemoBackend
+from llamapool.config import ServeConfig, WorkConfig
+from llamapool.plugin_api import BackendSettings
+from llamapool.server.app import create_app
+from llamapool.worker.agent import Agent
+from llamapool.worker.loader import load_backend
+
+log = structlog.get_logger("llamapool")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@contextlib.asynccontextmanager
+async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
+    """Serve ``cfg`` and yield the URL a client on this machine can use."""
+    runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
+        port = runner.addresses[0][1]
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "", "::") else cfg.host
+        url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        log.info("server_listening", url=url, host=cfg.host, port=port, ws_path=cfg.ws_path)
+        _warn_if_open(cfg)
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+def _warn_if_open(cfg: ServeConfig) -> None:
+    try:
+        loopback = ipaddress.ip_address(cfg.host).is_loopback
+    except ValueError:
+        loopback = cfg.host == "localhost"
+    if loopback:
+        return
+    if not cfg.api_keys:
+        log.warning("no_api_key", hint="anyone who can reach this port can use the pool")
+    if not cfg.worker_keys:
+        log.warning("no_worker_key", hint="anyone who can reach this port can join as a worker")
+
+
+async def serve(cfg: ServeConfig) -> None:
+    stop = _stop_event()
+    async with running_server(cfg):
+        await stop.wait()
+    log.info("server_stopped")
+
+
+async def work(cfg: WorkConfig) -> None:
+    backend_cls = load_backend(cfg.backend)
+    backend = backend_cls(BackendSettings(url=cfg.backend_url, api_key=cfg.backend_api_key))
+    agent = Agent(cfg, backend, backend_name=cfg.backend)
+    await _until_stopped(agent.run())
+
+
+async def _until_stopped(main: object) -> None:
+    stop = _stop_event()
+    task = asyncio.ensure_future(main)  # type: ignore[arg-type]
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def demo(cfg: ServeConfig) -> None:
+    """A server and an in-process demo worker, with keys made up if none were given."""
+    api_key = cfg.api_keys[0] if cfg.api_keys else "demo-" + secrets.token_urlsafe(12)
+    worker_key = cfg.worker_keys[0] if cfg.worker_keys else secrets.token_urlsafe(24)
+    cfg = ServeConfig(
+        host=cfg.host,
+        port=cfg.port,
+        api_keys=cfg.api_keys or (api_key,),
+        worker_keys=cfg.worker_keys or (worker_key,),
+        ws_path=cfg.ws_path,
+        request_timeout=cfg.request_timeout,
+        max_body_size=cfg.max_body_size,
+    )
+    async with running_server(cfg) as url:
+        ws_url = "ws" + url.removeprefix("http") + cfg.ws_path
+        work_cfg = WorkConfig(server_url=ws_url, worker_key=worker_key, worker_name="demo-worker")
+        agent = Agent(work_cfg, DemoBackend(BackendSettings(url="")), backend_name="demo")
+        worker = asyncio.create_task(agent.run())
+        try:
+            await asyncio.wait_for(agent.registered.wait(), timeout=30)
+            print(_demo_banner(url, api_key), flush=True)
+            await _until_stopped(worker)
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+
+def _demo_banner(url: str, api_key: str) -> str:
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "Hello, pool!"}]}' % (
+        DEMO_MODELS[0]
+    )
+    return "\n".join(
+        [
+            f"llamapool demo pool: {url}  (Ctrl+C to stop)",
+            f"API key: {api_key}",
+            "Try it:",
+            f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
+            f"-H 'Content-Type: application/json' -d '{body}'",
+        ]
+    )

@@ -1,0 +1,54 @@
+"""The server application: the whole URL map in one table."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from llamapool.config import ServeConfig
+from llamapool.server import middleware, ollama, openai
+from llamapool.server.appkeys import CONFIG, POOL, SOCKETS
+from llamapool.server.http_errors import json_response
+from llamapool.server.link import CLOSE_GOING_AWAY
+from llamapool.server.pool import Pool
+from llamapool.server.workers import evict_silent_workers, worker_socket
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is up (no key needed)."""
+    return json_response({"status": "ok", "workers": len(request.app[POOL])})
+
+
+async def _close_worker_sockets(app: web.Application) -> None:
+    for ws in list(app[SOCKETS]):
+        await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
+
+
+def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=cfg.max_body_size,
+        middlewares=[middleware.request_ids, middleware.json_errors, middleware.client_auth],
+    )
+    app[CONFIG] = cfg
+    app[POOL] = pool if pool is not None else Pool()
+    app[SOCKETS] = set()
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get(cfg.ws_path, worker_socket),
+            # OpenAI
+            web.post("/v1/chat/completions", openai.chat_completions),
+            web.post("/v1/completions", openai.completions),
+            web.post("/v1/embeddings", openai.embeddings),
+            web.get("/v1/models", openai.list_models),
+            web.get("/v1/models/{id:.+}", openai.get_model),
+            # Ollama
+            web.post("/api/generate", ollama.generate),
+            web.post("/api/chat", ollama.chat),
+            web.post("/api/embed", ollama.embed),
+            web.get("/api/tags", ollama.tags),
+        ]
+    )
+    app.on_response_prepare.append(middleware.echo_request_id)
+    app.cleanup_ctx.append(evict_silent_workers)
+    app.on_shutdown.append(_close_worker_sockets)
+    return app

@@ -1,0 +1,12 @@
+"""Typed application state shared by the server's modules."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from llamapool.config import ServeConfig
+from llamapool.server.pool import Pool
+
+CONFIG = web.AppKey("config", ServeConfig)
+POOL = web.AppKey("pool", Pool)
+SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])

@@ -1,0 +1,76 @@
+"""One proxied request as the worker link sees it: the events a worker sends for it.
+
+The link's reader pushes events (headers, body chunks, end) without ever awaiting, so one slow
+client cannot stall the reader that serves every other request of that worker. The request
+handler pulls them with a deadline. Waiting costs one future per wait, and none while events
+are already queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TypeAlias
+
+import attrs
+
+from llamapool.protocol import ResponseHeaders, WireError
+
+
+@attrs.frozen
+class Ended:
+    """The worker finished the request; ``error`` says why if it failed."""
+
+    error: WireError | None = None
+
+
+@attrs.frozen
+class Broken:
+    """The request can not go on: its worker left, or the server is shutting down."""
+
+    reason: str
+
+
+Event: TypeAlias = ResponseHeaders | bytes | memoryview | Ended | Broken
+
+
+class Exchange:
+    """The response side of one request in flight on a worker."""
+
+    __slots__ = ("_events", "_waiter", "finished", "request_id")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._events: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, event: Event) -> None:
+        if self.finished:
+            return
+        if isinstance(event, (Ended, Broken)):
+            self.finished = True
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self, deadline: float) -> Event:
+        """The next event; :class:`TimeoutError` once the loop clock passes ``deadline``."""
+        while not self._events:
+            loop = asyncio.get_running_loop()
+            if loop.time() >= deadline:
+                raise TimeoutError
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self._events.popleft()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

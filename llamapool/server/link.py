@@ -1,0 +1,102 @@
+"""The server's side of one worker's WebSocket: send requests, route what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import attrs
+import structlog
+from aiohttp import web
+
+from llamapool import protocol
+from llamapool.protocol import (
+    FRAME_REQUEST_BODY,
+    FRAME_RESPONSE_CHUNK,
+    Cancel,
+    ProxyRequest,
+    ResponseChunk,
+    ResponseEnd,
+    ResponseHeaders,
+)
+from llamapool.server.exchange import Broken, Ended, Exchange
+
+log = structlog.get_logger("llamapool.server")
+
+#: WebSocket close code for a policy violation (bad register, bad key).
+CLOSE_POLICY = 1008
+#: WebSocket close code for "going away" (server shutdown, replaced, evicted).
+CLOSE_GOING_AWAY = 1001
+
+
+class WorkerLink:
+    """Requests in flight on one worker connection, by wire request id."""
+
+    def __init__(self, ws: web.WebSocketResponse, *, binary: bool) -> None:
+        self.ws = ws
+        self.binary = binary
+        self.exchanges: dict[str, Exchange] = {}
+        self.ignored = 0
+        self._closing: asyncio.Task[bool] | None = None
+
+    def open(self, request_id: str) -> Exchange:
+        exchange = self.exchanges[request_id] = Exchange(request_id)
+        return exchange
+
+    def forget(self, request_id: str) -> None:
+        self.exchanges.pop(request_id, None)
+
+    async def send_request(self, request: ProxyRequest, body: bytes) -> None:
+        """Send a request; with binary frames the body follows raw, never base64."""
+        if self.binary:
+            await self.ws.send_str(protocol.encode(attrs.evolve(request, body_len=len(body))))
+            if body:
+                await self.ws.send_bytes(
+                    protocol.pack_frame(FRAME_REQUEST_BODY, request.request_id, body)
+                )
+        else:
+            await self.ws.send_str(protocol.encode(attrs.evolve(request, body=body)))
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell the worker to abort a request (best effort: the socket may be gone)."""
+        if self.ws.closed:
+            return
+        try:
+            await self.ws.send_str(protocol.encode(Cancel(request_id)))
+        except (ConnectionError, RuntimeError):
+            pass
+
+    def dispatch(self, message: ResponseHeaders | ResponseChunk | ResponseEnd) -> None:
+        """Route a response message to its request; one for a request we do not know is
+        ignored (it may have been cancelled a moment ago)."""
+        exchange = self.exchanges.get(message.request_id)
+        if exchange is None:
+            self.ignored += 1
+            return
+        match message:
+            case ResponseHeaders():
+                exchange.push(message)
+            case ResponseChunk(data=data):
+                exchange.push(data)
+            case ResponseEnd(error=error):
+                exchange.push(Ended(error))
+
+    def dispatch_frame(self, frame: bytes) -> None:
+        kind, request_id, payload = protocol.unpack_frame(frame)
+        exchange = self.exchanges.get(request_id)
+        if kind != FRAME_RESPONSE_CHUNK or exchange is None:
+            self.ignored += 1
+            return
+        exchange.push(payload)
+
+    def break_all(self, reason: str) -> None:
+        """End every request in flight: the worker is gone."""
+        for exchange in self.exchanges.values():
+            exchange.push(Broken(reason))
+        self.exchanges.clear()
+
+    def close_soon(self, reason: str) -> None:
+        """Close the socket without waiting (eviction, replacement, shutdown)."""
+        if self._closing is None and not self.ws.closed:
+            self._closing = asyncio.ensure_future(
+                self.ws.close(code=CLOSE_GOING_AWAY, message=reason.encode()[:120])
+            )

@@ -1,0 +1,252 @@
+"""The worker registry and the least-busy scheduler. No aiohttp here: pure bookkeeping.
+
+Picking a worker costs the same with ten workers or ten thousand. For each model the pool keeps
+the workers that serve it, grouped by what they can serve (their API paths) and bucketed by
+their number of requests in flight; a worker with no free slot sits in no bucket. Acquiring or
+releasing a slot moves one worker between neighbouring buckets of each model it serves.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import attrs
+
+from llamapool.errors import NoWorkerError, WorkersBusyError
+from llamapool.protocol import ProxyRequest
+from llamapool.server.exchange import Exchange
+
+#: Go's alias rule: ``name:tag-suffix`` falls back to ``name:tag``.
+_ALIAS = re.compile(r"^([^:]+):([^-\s]+)(-.+)?$")
+
+
+def fallback_names(model: str) -> list[str]:
+    """Names to try, in order, for a requested model.
+
+    The exact name first; then Go's alias (``llama3:8b-q4_0`` -> ``llama3:8b``); then Ollama's
+    implicit tag (``llama3`` <-> ``llama3:latest``).
+    """
+    names = [model]
+    match = _ALIAS.match(model)
+    if match and match.group(3):
+        names.append(f"{match.group(1)}:{match.group(2)}")
+    if ":" not in model:
+        names.append(model + ":latest")
+    elif model.endswith(":latest"):
+        names.append(model.removesuffix(":latest"))
+    return names
+
+
+class Link(Protocol):
+    """The connection a worker is reached through; the pool only stores it."""
+
+    def open(self, request_id: str) -> Exchange: ...
+
+    def forget(self, request_id: str) -> None: ...
+
+    async def send_request(self, request: ProxyRequest, body: bytes) -> None: ...
+
+    async def cancel(self, request_id: str) -> None: ...
+
+    def close_soon(self, reason: str) -> None: ...
+
+
+@attrs.define(eq=False)
+class WorkerHandle:
+    """One connected worker as the scheduler sees it."""
+
+    id: str
+    name: str
+    models: frozenset[str]
+    max_concurrency: int
+    #: API paths it serves; ``None`` means every path (Go workers do not say).
+    paths: frozenset[str] | None
+    link: Link
+    version: str = ""
+    build_sha: str = ""
+    build_date: str = ""
+    backend: str = ""
+    inflight: int = 0
+    connected_at: float = attrs.field(factory=time.time)
+    last_heartbeat: float = attrs.field(factory=time.monotonic)
+    _buckets: list[_Buckets] = attrs.field(factory=list, repr=False)
+
+    def serves(self, path: str) -> bool:
+        return self.paths is None or path in self.paths
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.inflight < self.max_concurrency
+
+
+class _Buckets:
+    """Workers serving one model with one set of paths, bucketed by requests in flight."""
+
+    __slots__ = ("_levels", "_lowest", "members", "paths")
+
+    def __init__(self, paths: frozenset[str] | None) -> None:
+        self.paths = paths
+        self.members = 0
+        self._levels: list[dict[WorkerHandle, None]] = []
+        self._lowest = 0
+
+    def serves(self, path: str) -> bool:
+        return self.paths is None or path in self.paths
+
+    def insert(self, worker: WorkerHandle) -> None:
+        if not worker.has_capacity:
+            return
+        level = worker.inflight
+        while len(self._levels) <= level:
+            self._levels.append({})
+        self._levels[level][worker] = None  # appended last: ties rotate round-robin
+        self._lowest = min(self._lowest, level)
+
+    def discard(self, worker: WorkerHandle) -> None:
+        if worker.inflight < len(self._levels):
+            self._levels[worker.inflight].pop(worker, None)
+
+    def least_busy(self) -> WorkerHandle | None:
+        levels = self._levels
+        while self._lowest < len(levels):
+            bucket = levels[self._lowest]
+            if bucket:
+                return next(iter(bucket))
+            self._lowest += 1
+        return None
+
+
+@attrs.frozen
+class ModelInfo:
+    """A model the pool can serve, for the model listing endpoints."""
+
+    id: str
+    created: int
+    workers: tuple[WorkerHandle, ...]
+
+
+class Pool:
+    """Connected workers, the models they serve, and who takes the next request."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerHandle] = {}
+        self._index: dict[str, dict[frozenset[str] | None, _Buckets]] = {}
+        self._first_seen: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __iter__(self) -> Iterator[WorkerHandle]:
+        return iter(list(self._workers.values()))
+
+    def get(self, worker_id: str) -> WorkerHandle | None:
+        return self._workers.get(worker_id)
+
+    def add(self, worker: WorkerHandle) -> WorkerHandle | None:
+        """Register a worker; returns the handle it replaces when its id was connected."""
+        old = self._workers.get(worker.id)
+        if old is not None:
+            self.remove(old)
+        self._workers[worker.id] = worker
+        self._link(worker, worker.models)
+        return old
+
+    def remove(self, worker: WorkerHandle) -> bool:
+        """Forget a worker; ``False`` if it was already gone (or replaced)."""
+        if self._workers.get(worker.id) is not worker:
+            return False
+        del self._workers[worker.id]
+        self._unlink(worker)
+        return True
+
+    def set_models(self, worker: WorkerHandle, models: Iterable[str]) -> None:
+        """Replace the models a connected worker serves."""
+        self._unlink(worker)
+        worker.models = frozenset(models)
+        if self._workers.get(worker.id) is worker:
+            self._link(worker, worker.models)
+
+    def acquire(self, model: str, path: str) -> WorkerHandle:
+        """Take a slot on the least-busy worker serving ``model`` at ``path``.
+
+        Raises :class:`NoWorkerError` when no worker serves it (even through an alias) and
+        :class:`WorkersBusyError` when all that do are full.
+        """
+        for name in fallback_names(model):
+            groups = self._index.get(name)
+            if not groups:
+                continue
+            best: WorkerHandle | None = None
+            eligible = False
+            for buckets in groups.values():
+                if not buckets.serves(path):
+                    continue
+                eligible = True
+                candidate = buckets.least_busy()
+                if candidate is not None and (best is None or candidate.inflight < best.inflight):
+                    best = candidate
+            if best is not None:
+                self._move(best, +1)
+                return best
+            if eligible:
+                raise WorkersBusyError(f"every worker serving {name!r} is busy")
+        raise NoWorkerError(f"no worker serves model {model!r} at {path}")
+
+    def release(self, worker: WorkerHandle) -> None:
+        """Give back a slot taken with :meth:`acquire`."""
+        if worker.inflight > 0:
+            self._move(worker, -1)
+
+    def models(self) -> list[ModelInfo]:
+        """Every model some worker serves, sorted by id, with its workers sorted by name."""
+        by_model: dict[str, list[WorkerHandle]] = {}
+        for worker in self._workers.values():
+            for model in worker.models:
+                by_model.setdefault(model, []).append(worker)
+        return [
+            ModelInfo(
+                id=model,
+                created=self._first_seen[model],
+                workers=tuple(sorted(workers, key=lambda w: w.name)),
+            )
+            for model, workers in sorted(by_model.items())
+        ]
+
+    # bookkeeping ---------------------------------------------------------------------------
+
+    def _move(self, worker: WorkerHandle, delta: int) -> None:
+        for buckets in worker._buckets:
+            buckets.discard(worker)
+        worker.inflight += delta
+        for buckets in worker._buckets:
+            buckets.insert(worker)
+
+    def _link(self, worker: WorkerHandle, models: Iterable[str]) -> None:
+        now = int(time.time())
+        for model in models:
+            groups = self._index.setdefault(model, {})
+            buckets = groups.get(worker.paths)
+            if buckets is None:
+                buckets = groups[worker.paths] = _Buckets(worker.paths)
+            buckets.members += 1
+            buckets.insert(worker)
+            worker._buckets.append(buckets)
+            self._first_seen.setdefault(model, now)
+
+    def _unlink(self, worker: WorkerHandle) -> None:
+        for model in worker.models:
+            groups = self._index.get(model)
+            buckets = groups.get(worker.paths) if groups else None
+            if groups is None or buckets is None:
+                continue
+            buckets.discard(worker)
+            buckets.members -= 1
+            if buckets.members == 0:
+                del groups[worker.paths]
+                if not groups:
+                    del self._index[model]
+        worker._buckets.clear()
+

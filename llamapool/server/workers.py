@@ -1,0 +1,171 @@
+"""The worker WebSocket endpoint: register, then route messages until the worker leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from llamapool import __version__, protocol
+from llamapool.errors import ProtocolError
+from llamapool.protocol import (
+    FEATURES,
+    FEATURE_BINARY_FRAMES,
+    Heartbeat,
+    ModelsUpdate,
+    Register,
+    Registered,
+    ResponseChunk,
+    ResponseEnd,
+    ResponseHeaders,
+)
+from llamapool.server.appkeys import CONFIG, POOL, SOCKETS
+from llamapool.server.link import CLOSE_POLICY, WorkerLink
+from llamapool.server.pool import Pool, WorkerHandle
+
+log = structlog.get_logger("llamapool.server")
+
+#: Room for protocol overhead on top of the largest body a frame may carry.
+_FRAME_SLACK = 1024 * 1024
+
+
+def key_matches(given: str, keys: tuple[str, ...]) -> bool:
+    """Constant-time check of ``given`` against every accepted key."""
+    given_b = given.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given_b, key.encode())
+    return found
+
+
+async def worker_socket(request: web.Request) -> web.WebSocketResponse:
+    """``GET {WS_PATH}``: one worker's connection for as long as it stays."""
+    cfg = request.app[CONFIG]
+    ws = web.WebSocketResponse(max_msg_size=cfg.max_body_size + _FRAME_SLACK)
+    await ws.prepare(request)
+    register = await _receive_register(ws, cfg.register_timeout)
+    if register is None:
+        return ws
+    if cfg.worker_keys and not key_matches(register.key, cfg.worker_keys):
+        log.warning("worker_rejected", reason="bad_worker_key", worker_name=register.worker_name)
+        await ws.close(code=CLOSE_POLICY, message=b"unauthorized")
+        return ws
+
+    features = sorted(set(register.features) & set(FEATURES))
+    link = WorkerLink(ws, binary=FEATURE_BINARY_FRAMES in features)
+    worker = WorkerHandle(
+        id=register.worker_id or uuid.uuid4().hex,
+        name=register.worker_name or register.worker_id or "worker",
+        models=frozenset(register.models),
+        max_concurrency=max(1, register.max_concurrency),
+        paths=frozenset(register.paths) if register.paths else None,
+        link=link,
+        version=register.version,
+        build_sha=register.build_sha,
+        build_date=register.build_date,
+        backend=register.backend,
+    )
+    pool = request.app[POOL]
+    replaced = pool.add(worker)
+    if replaced is not None:
+        replaced.link.close_soon("replaced by a new connection")
+    sockets = request.app[SOCKETS]
+    sockets.add(ws)
+    if register.protocol:  # a llamapool-py worker: say which extensions we will use
+        await ws.send_str(protocol.encode(Registered(features=features, version=__version__)))
+    log.info(
+        "worker_registered",
+        worker_id=worker.id,
+        worker_name=worker.name,
+        models=len(worker.models),
+        max_concurrency=worker.max_concurrency,
+        backend=worker.backend or "unknown",
+        features=features,
+    )
+    try:
+        await _serve(ws, worker, link, pool)
+    finally:
+        sockets.discard(ws)
+        pool.remove(worker)
+        link.break_all("worker disconnected")
+        log.info("worker_disconnected", worker_id=worker.id, worker_name=worker.name)
+    return ws
+
+
+async def _receive_register(ws: web.WebSocketResponse, timeout: float) -> Register | None:
+    """The first message, which must be a valid ``register``; closes with 1008 otherwise."""
+    try:
+        msg = await ws.receive(timeout=timeout)
+    except asyncio.TimeoutError:
+        reason = "no register message in time"
+    else:
+        reason = "first message must be a register message"
+        if msg.type == WSMsgType.TEXT:
+            try:
+                message = protocol.decode(msg.data)
+            except ProtocolError as exc:
+                reason = str(exc)
+            else:
+                if isinstance(message, Register):
+                    return message
+        elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            return None
+    log.warning("worker_rejected", reason=reason)
+    await ws.close(code=CLOSE_POLICY, message=reason.encode()[:120])
+    return None
+
+
+async def _serve(
+    ws: web.WebSocketResponse, worker: WorkerHandle, link: WorkerLink, pool: Pool
+) -> None:
+    async for msg in ws:
+        worker.last_heartbeat = time.monotonic()  # any message proves the worker alive
+        if msg.type == WSMsgType.BINARY:
+            try:
+                link.dispatch_frame(msg.data)
+            except ProtocolError:
+                link.ignored += 1
+            continue
+        if msg.type != WSMsgType.TEXT:
+            continue
+        try:
+            message = protocol.decode(msg.data)
+        except ProtocolError as exc:
+            link.ignored += 1
+            log.debug("worker_message_ignored", worker_id=worker.id, reason=str(exc))
+            continue
+        match message:
+            case ResponseHeaders() | ResponseChunk() | ResponseEnd():
+                link.dispatch(message)
+            case ModelsUpdate(models=models):
+                pool.set_models(worker, models)
+                log.info("worker_models_updated", worker_id=worker.id, models=len(models))
+            case Heartbeat() | None:
+                pass
+            case _:
+                link.ignored += 1
+
+
+async def evict_silent_workers(app: web.Application) -> AsyncIterator[None]:
+    """Background task: close the connection of a worker silent for ``worker_timeout``."""
+    cfg, pool = app[CONFIG], app[POOL]
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(min(1.0, cfg.worker_timeout / 3))
+            now = time.monotonic()
+            for worker in pool:
+                if now - worker.last_heartbeat > cfg.worker_timeout:
+                    log.warning("worker_evicted", worker_id=worker.id, reason="no heartbeat")
+                    pool.remove(worker)
+                    worker.link.close_soon("heartbeat timeout")
+
+    task = asyncio.create_task(sweep())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,224 @@
+"""Small, real fake LLM runtimes: aiohttp applications that speak a runtime's HTTP API.
+
+Tests, benchmarks and plugin authors run these on a loopback port instead of installing Ollama,
+vLLM or Open WebUI. Each fake answers with the demo backend's deterministic echo (the handlers
+of :class:`~llamapool.backends.demo.EchoResponder`), serves the runtime's routes at the runtime's
+own paths, and records every request it receives in a :class:`FakeLog`, so a test can check what
+reached the runtime: which path, which headers (never the client's key), which body, and over
+how many TCP connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import attrs
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from llamapool.backends.demo import EchoOptions, EchoResponder
+
+__all__ = [
+    "FakeLog",
+    "RecordedRequest",
+    "create_broken_app",
+    "create_fake_ollama_app",
+    "create_fake_openwebui_app",
+    "create_fake_vllm_app",
+    "fake_log",
+    "serve_app",
+]
+
+
+@attrs.frozen
+class RecordedRequest:
+    """One request as the fake runtime received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body decoded as JSON."""
+        return orjson.loads(self.body)
+
+
+@attrs.define
+class FakeLog:
+    """What a fake runtime has received, in arrival order.
+
+    ``peers`` holds the distinct client ``(host, port)`` pairs seen: many requests over few peer
+    ports prove the client reuses keep-alive connections.
+    """
+
+    requests: list[RecordedRequest] = attrs.Factory(list)
+    peers: set[tuple[str, int]] = attrs.Factory(set)
+
+    @property
+    def paths(self) -> list[str]:
+        """The path of every request received, in order."""
+        return [r.path for r in self.requests]
+
+
+FAKE_LOG = web.AppKey("llamapool_fake_log", FakeLog)
+
+
+def fake_log(app: web.Application) -> FakeLog:
+    """The log of a fake made by this module (``server.app`` in an ``aiohttp_server`` test)."""
+    return app[FAKE_LOG]
+
+
+@web.middleware
+async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # Read the body here: aiohttp caches it, so the handler reads the same bytes again.
+    body = await request.read()
+    headers = {str(k): v for k, v in request.headers.items()}
+    log = request.app[FAKE_LOG]
+    log.requests.append(RecordedRequest(request.method, request.path, headers, body))
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if peer:
+        log.peers.add((str(peer[0]), int(peer[1])))
+    return await handler(request)
+
+
+def _require_key(api_key: str, unauthorized: dict[str, Any]) -> Middleware:
+    """Answer 401 with the runtime's own error body unless the request carries the key."""
+    expected = f"Bearer {api_key}"
+
+    @web.middleware
+    async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            body = orjson.dumps(unauthorized)
+            return web.Response(status=401, body=body, content_type="application/json")
+        return await handler(request)
+
+    return require_key
+
+
+def _app(api_key: str, unauthorized: dict[str, Any]) -> web.Application:
+    """An empty fake: records everything (even refused requests), then checks the key if set."""
+    middlewares: list[Middleware] = [_record]
+    if api_key:
+        middlewares.append(_require_key(api_key, unauthorized))
+    app = web.Application(middlewares=middlewares)
+    app[FAKE_LOG] = FakeLog()
+    return app
+
+
+def _responder(models: Sequence[str], chunk_delay: float) -> EchoResponder:
+    ids = (models,) if isinstance(models, str) else tuple(models)
+    return EchoResponder(EchoOptions(models=ids, chunk_delay=chunk_delay))
+
+
+def create_fake_ollama_app(
+    *, models: Sequence[str] = ("llama3:8b",), chunk_delay: float = 0.0, api_key: str = ""
+) -> web.Application:
+    """Ollama: its native ``/api/*`` and its OpenAI-compatible ``/v1/*`` at their usual paths.
+
+    Ollama has no API key of its own; ``api_key`` imitates one behind an authenticating proxy.
+    """
+    app = _app(api_key, {"error": "unauthorized"})
+    _responder(models, chunk_delay).add_routes(app)
+    return app
+
+
+def create_fake_vllm_app(
+    *,
+    models: Sequence[str] = ("meta-llama/Llama-3.1-8B-Instruct",),
+    chunk_delay: float = 0.0,
+    api_key: str = "",
+) -> web.Application:
+    """vLLM, or any OpenAI-compatible server (llama.cpp's, LM Studio): only ``/v1/*``.
+
+    Every ``/api/*`` path answers 404, as it does on vLLM. ``api_key`` mirrors ``--api-key``.
+    """
+    echo = _responder(models, chunk_delay)
+    app = _app(api_key, {"error": "Unauthorized"})
+    app.add_routes(
+        [
+            web.get("/v1/models", echo.v1_models),
+            web.post("/v1/chat/completions", echo.chat_completions),
+            web.post("/v1/completions", echo.completions),
+            web.post("/v1/embeddings", echo.embeddings),
+        ]
+    )
+    return app
+
+
+def create_fake_openwebui_app(
+    *, models: Sequence[str] = ("llama3:8b",), chunk_delay: float = 0.0, api_key: str = "sk-webui"
+) -> web.Application:
+    """Open WebUI with its Ollama connection: the routes a worker can use, key on every one.
+
+    The routes follow Open WebUI's ``backend/open_webui/main.py`` and ``routers/ollama.py``:
+    ``/api/models``, ``/api/chat/completions`` and the OpenAI-compatible ``/api/embeddings``
+    (each also under ``/api/v1/``), and the Ollama proxy under ``/ollama`` (native ``/api/*``
+    and OpenAI ``/v1/*``). There is no top-level text-completions route. Open WebUI checks the
+    bearer key on all of them; an empty ``api_key`` turns the check off.
+    """
+    echo = _responder(models, chunk_delay)
+    ids = list(echo.options.models)
+
+    async def api_models(request: web.Request) -> web.Response:
+        data = [
+            {"id": m, "name": m, "object": "model", "created": 0, "owned_by": "ollama"} for m in ids
+        ]
+        return web.Response(body=orjson.dumps({"data": data}), content_type="application/json")
+
+    app = _app(api_key, {"detail": "Not authenticated"})
+    routes = []
+    for prefix in ("/api", "/api/v1"):
+        routes += [
+            web.get(f"{prefix}/models", api_models),
+            web.post(f"{prefix}/chat/completions", echo.chat_completions),
+            web.post(f"{prefix}/embeddings", echo.embeddings),
+        ]
+    routes += [
+        web.get("/ollama/api/tags", echo.api_tags),
+        web.post("/ollama/api/generate", echo.api_generate),
+        web.post("/ollama/api/chat", echo.api_chat),
+        web.post("/ollama/api/embed", echo.api_embed),
+        web.get("/ollama/v1/models", echo.v1_models),
+        web.post("/ollama/v1/chat/completions", echo.chat_completions),
+        web.post("/ollama/v1/completions", echo.completions),
+    ]
+    app.add_routes(routes)
+    return app
+
+
+def create_broken_app(
+    *, status: int = 500, body: bytes = b"internal error", content_type: str = "text/plain"
+) -> web.Application:
+    """A runtime that answers every request with the same status and body.
+
+    For testing how a backend plugin reports a runtime that fails (500), answers a web page
+    instead of JSON (200, ``text/html``), or answers JSON of the wrong shape.
+    """
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    app = _app("", {})
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Run ``app`` on a free loopback port for the block; yield its base URL (no trailing slash).
+
+    For benchmarks and CLI tests that run outside pytest's ``aiohttp_server`` fixture.
+    """
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()

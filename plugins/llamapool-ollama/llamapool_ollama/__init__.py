@@ -1,0 +1,50 @@
+"""The Ollama backend for llamapool workers.
+
+Ollama serves its native API (``/api/*``) and an OpenAI-compatible one (``/v1/*``) on the same
+port, at the very paths the llamapool server exposes, so every public path maps to itself and
+the bytes go through untouched. The plugin imports only :mod:`llamapool.plugin_api`, like any
+third-party backend, and is found through the ``llamapool.backends`` entry point ``ollama``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from llamapool.plugin_api import (
+    OLLAMA_PATHS,
+    OPENAI_PATHS,
+    Backend,
+    BackendError,
+    fetch_json,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["OllamaBackend"]
+
+
+class OllamaBackend(Backend):
+    """An Ollama server (``ollama serve``), by default on its standard local port.
+
+    Ollama has no API key; if it sits behind an authenticating proxy, the worker's backend key
+    is sent as a bearer token.
+    """
+
+    paths: ClassVar[frozenset[str]] = OPENAI_PATHS | OLLAMA_PATHS
+    default_url: ClassVar[str] = "http://127.0.0.1:11434"
+
+    async def list_models(self, http: aiohttp.ClientSession) -> list[str]:
+        """The names in ``GET /api/tags``: the models pulled on this machine."""
+        url = self.base_url + "/api/tags"
+        return _names(await fetch_json(http, url, headers=self.auth_headers()), url)
+
+
+def _names(data: Any, url: str) -> list[str]:
+    """Model names out of an ``/api/tags`` body, or a :class:`BackendError` saying what is wrong."""
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("name"), str) for m in models
+    ):
+        raise BackendError(f"GET {url} did not answer an Ollama model list (is this Ollama?)")
+    return [m["name"] for m in models]
