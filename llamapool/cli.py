@@ -18,12 +18,14 @@ from llamapool.errors import LlamapoolError
 from llamapool.log import configure_logging
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]
     """Seconds, or a Go-style duration such as ``30s``, ``2m`` or ``1m30s``."""
 
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         if isinstance(value, (int, float)):
             return float(value)
         try:
@@ -62,20 +64,57 @@ def _log_option(f: Any) -> Any:
 
 
 @cli.command(context_settings={"show_default": True})
-@click.option("--host", envvar="HOST", default=None, show_envvar=True,
-              help="Address to listen on.  [default: 0.0.0.0; 127.0.0.1 with --demo]")
-@click.option("--port", envvar="PORT", type=_PORT, default=8080, show_envvar=True,
-              help="Port for the API and the worker socket (0: any free port).")
-@click.option("--api-key", envvar="API_KEY", default="", show_default=False, show_envvar=True,
-              help="Key(s) clients must send as 'Authorization: Bearer'; comma-separated.")
-@click.option("--worker-key", envvar="WORKER_KEY", default="", show_default=False,
-              show_envvar=True, help="Key(s) workers must register with; comma-separated.")
-@click.option("--ws-path", envvar="WS_PATH", default=DEFAULT_WS_PATH, show_envvar=True,
-              help="Path of the worker WebSocket endpoint.")
-@click.option("--request-timeout", envvar="REQUEST_TIMEOUT", type=Duration(), default="300s",
-              show_envvar=True, help="Longest a request may take, start to end.")
-@click.option("--demo", is_flag=True,
-              help="Also run a built-in demo worker (echo model 'demo') and print a curl line.")
+@click.option(
+    "--host",
+    envvar="HOST",
+    default=None,
+    show_envvar=True,
+    help="Address to listen on.  [default: 0.0.0.0; 127.0.0.1 with --demo]",
+)
+@click.option(
+    "--port",
+    envvar="PORT",
+    type=_PORT,
+    default=8080,
+    show_envvar=True,
+    help="Port for the API and the worker socket (0: any free port).",
+)
+@click.option(
+    "--api-key",
+    envvar="API_KEY",
+    default="",
+    show_default=False,
+    show_envvar=True,
+    help="Key(s) clients must send as 'Authorization: Bearer'; comma-separated.",
+)
+@click.option(
+    "--worker-key",
+    envvar="WORKER_KEY",
+    default="",
+    show_default=False,
+    show_envvar=True,
+    help="Key(s) workers must register with; comma-separated.",
+)
+@click.option(
+    "--ws-path",
+    envvar="WS_PATH",
+    default=DEFAULT_WS_PATH,
+    show_envvar=True,
+    help="Path of the worker WebSocket endpoint.",
+)
+@click.option(
+    "--request-timeout",
+    envvar="REQUEST_TIMEOUT",
+    type=Duration(),
+    default="300s",
+    show_envvar=True,
+    help="Longest a request may take, start to end.",
+)
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Also run a built-in demo worker (echo model 'demo') and print a curl line.",
+)
 @_log_option
 def serve(
     host: str | None,
@@ -103,23 +142,68 @@ def serve(
 
 
 @cli.command(context_settings={"show_default": True})
-@click.option("--server-url", envvar="SERVER_URL", default=WorkConfig().server_url,
-              show_envvar=True, help="The server's worker WebSocket URL (ws:// or wss://).")
-@click.option("--worker-key", envvar="WORKER_KEY", default="", show_default=False,
-              show_envvar=True, help="Key to register with.")
-@click.option("--backend", envvar="BACKEND", default="ollama", show_envvar=True,
-              help="Backend plugin: ollama, vllm, openwebui, demo, or a third-party one.")
-@click.option("--backend-url", envvar=["BACKEND_URL", "OLLAMA_BASE_URL"], default="",
-              show_default=False, show_envvar=True,
-              help="Base URL of the backend.  [default: the backend's usual local URL]")
-@click.option("--backend-api-key", envvar=["BACKEND_API_KEY", "OLLAMA_API_KEY"], default="",
-              show_default=False, show_envvar=True, help="Key the worker sends to its backend.")
-@click.option("--max-concurrency", envvar="MAX_CONCURRENCY", type=click.IntRange(min=1),
-              default=2, show_envvar=True, help="Requests this worker serves at once.")
-@click.option("--worker-id", envvar="WORKER_ID", default="", show_default=False,
-              show_envvar=True, help="Stable id of this worker.  [default: random]")
-@click.option("--worker-name", envvar="WORKER_NAME", default="", show_default=False,
-              show_envvar=True, help="Display name.  [default: host name]")
+@click.option(
+    "--server-url",
+    envvar="SERVER_URL",
+    default=WorkConfig().server_url,
+    show_envvar=True,
+    help="The server's worker WebSocket URL (ws:// or wss://).",
+)
+@click.option(
+    "--worker-key",
+    envvar="WORKER_KEY",
+    default="",
+    show_default=False,
+    show_envvar=True,
+    help="Key to register with.",
+)
+@click.option(
+    "--backend",
+    envvar="BACKEND",
+    default="ollama",
+    show_envvar=True,
+    help="Backend plugin: ollama, vllm, openwebui, demo, or a third-party one.",
+)
+@click.option(
+    "--backend-url",
+    envvar=["BACKEND_URL", "OLLAMA_BASE_URL"],
+    default="",
+    show_default=False,
+    show_envvar=True,
+    help="Base URL of the backend.  [default: the backend's usual local URL]",
+)
+@click.option(
+    "--backend-api-key",
+    envvar=["BACKEND_API_KEY", "OLLAMA_API_KEY"],
+    default="",
+    show_default=False,
+    show_envvar=True,
+    help="Key the worker sends to its backend.",
+)
+@click.option(
+    "--max-concurrency",
+    envvar="MAX_CONCURRENCY",
+    type=click.IntRange(min=1),
+    default=2,
+    show_envvar=True,
+    help="Requests this worker serves at once.",
+)
+@click.option(
+    "--worker-id",
+    envvar="WORKER_ID",
+    default="",
+    show_default=False,
+    show_envvar=True,
+    help="Stable id of this worker.  [default: random]",
+)
+@click.option(
+    "--worker-name",
+    envvar="WORKER_NAME",
+    default="",
+    show_default=False,
+    show_envvar=True,
+    help="Display name.  [default: host name]",
+)
 @_log_option
 def work(
     server_url: str,

@@ -48,4 +48,3 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dic
             lowered[key] = name
             result[name] = value
     return result
-

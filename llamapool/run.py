@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import structlog
 from aiohttp import web
@@ -75,9 +76,9 @@ async def work(cfg: WorkConfig) -> None:
     await _until_stopped(agent.run())
 
 
-async def _until_stopped(main: object) -> None:
+async def _until_stopped(main: Awaitable[None]) -> None:
     stop = _stop_event()
-    task = asyncio.ensure_future(main)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(main)
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
@@ -116,9 +117,8 @@ async def demo(cfg: ServeConfig) -> None:
 
 
 def _demo_banner(url: str, api_key: str) -> str:
-    body = '{"model": "%s", "messages": [{"role": "user", "content": "Hello, pool!"}]}' % (
-        DEMO_MODELS[0]
-    )
+    message = {"model": DEMO_MODELS[0], "messages": [{"role": "user", "content": "Hello, pool!"}]}
+    body = json.dumps(message)
     return "\n".join(
         [
             f"llamapool demo pool: {url}  (Ctrl+C to stop)",

@@ -111,7 +111,9 @@ class EchoResponder:
         answer = _echo.echo(prompt, limit=limit)
         if body.get("stream", True) is False:  # Ollama streams unless told not to
             return _json(_echo.ollama_final(model, answer, chat=chat, text=answer.text))
-        lines = (orjson.dumps(line) + b"\n" for line in _echo.ollama_stream(model, answer, chat=chat))
+        lines = (
+            orjson.dumps(line) + b"\n" for line in _echo.ollama_stream(model, answer, chat=chat)
+        )
         return await self._stream(request, "application/x-ndjson", lines)
 
     # plumbing -------------------------------------------------------------------------------

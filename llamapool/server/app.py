@@ -19,7 +19,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def _close_worker_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
+    sockets = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
 
 

@@ -9,4 +9,4 @@ from llamapool.server.pool import Pool
 
 CONFIG = web.AppKey("config", ServeConfig)
 POOL = web.AppKey("pool", Pool)
-SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
+SOCKETS: web.AppKey[set[web.WebSocketResponse[bool]]] = web.AppKey("sockets")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import attrs
 import structlog
@@ -60,10 +61,8 @@ class WorkerLink:
         """Tell the worker to abort a request (best effort: the socket may be gone)."""
         if self.ws.closed:
             return
-        try:
+        with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.send_str(protocol.encode(Cancel(request_id)))
-        except (ConnectionError, RuntimeError):
-            pass
 
     def dispatch(self, message: ResponseHeaders | ResponseChunk | ResponseEnd) -> None:
         """Route a response message to its request; one for a request we do not know is

@@ -249,4 +249,3 @@ class Pool:
                 if not groups:
                     del self._index[model]
         worker._buckets.clear()
-

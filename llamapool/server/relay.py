@@ -126,9 +126,7 @@ def _failure(event: Event) -> str:
     return "the worker sent an unexpected message"
 
 
-async def _end_with_error(
-    request: web.Request, response: web.StreamResponse, message: str
-) -> None:
+async def _end_with_error(request: web.Request, response: web.StreamResponse, message: str) -> None:
     """End a response whose headers are already sent, in a way its client will notice.
 
     Streams get an error in their own framing (an SSE event, an NDJSON line) and a clean end;

@@ -14,8 +14,8 @@ from aiohttp import WSMsgType, web
 from llamapool import __version__, protocol
 from llamapool.errors import ProtocolError
 from llamapool.protocol import (
-    FEATURES,
     FEATURE_BINARY_FRAMES,
+    FEATURES,
     Heartbeat,
     ModelsUpdate,
     Register,

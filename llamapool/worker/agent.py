@@ -62,7 +62,7 @@ class Agent:
         self.models: list[str] = []
         #: Set while connected to a llamapool-py server that confirmed the registration.
         self.registered = asyncio.Event()
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._features: frozenset[str] = frozenset()
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._awaiting_body: dict[str, ProxyRequest] = {}
@@ -119,7 +119,9 @@ class Agent:
                 await self._cancel_jobs()
                 self._ws = None
             if ws.close_code == _CLOSE_POLICY:
-                raise ConfigError(f"the server rejected this worker: {reason or 'policy violation'}")
+                raise ConfigError(
+                    f"the server rejected this worker: {reason or 'policy violation'}"
+                )
             log.warning("server_disconnected", code=ws.close_code, reason=reason)
 
     def _register(self) -> Register:
@@ -156,13 +158,13 @@ class Agent:
             await self._send(ModelsUpdate(models))
         return True
 
-    async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             while not ws.closed:
                 await asyncio.sleep(self.cfg.heartbeat_interval)
                 await ws.send_str(protocol.encode(Heartbeat(ts=int(time.time()))))
 
-    async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+    async def _receive(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> str:
         """Handle server messages until the socket closes; returns the close reason."""
         while True:
             msg = await ws.receive()
@@ -258,4 +260,3 @@ class Agent:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
         self._awaiting_body.clear()
-
