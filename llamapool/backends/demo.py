@@ -174,7 +174,7 @@ def _error(status: int, message: str, *, openai: bool) -> web.HTTPException:
     else:
         body = {"error": message}
     cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound}[status]
-    return cls(body=orjson.dumps(body), content_type="application/json")
+    return cls(text=orjson.dumps(body).decode(), content_type="application/json")
 
 
 def create_echo_app(options: EchoOptions | None = None) -> web.Application:

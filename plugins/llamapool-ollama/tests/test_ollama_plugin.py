@@ -1,7 +1,6 @@
 """The Ollama backend plugin against a real fake Ollama on a loopback port."""
 
 # House style puts the expected value first (assert expected == actual).
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

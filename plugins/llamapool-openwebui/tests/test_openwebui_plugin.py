@@ -1,7 +1,6 @@
 """The Open WebUI backend plugin against a real fake Open WebUI on a loopback port."""
 
 # House style puts the expected value first (assert expected == actual).
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

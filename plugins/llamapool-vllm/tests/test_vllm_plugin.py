@@ -1,7 +1,6 @@
 """The vLLM backend plugin against a real fake OpenAI-compatible server on a loopback port."""
 
 # House style puts the expected value first (assert expected == actual).
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 
