@@ -10,12 +10,11 @@ from aiohttp import web
 
 from llamapool.server.appkeys import CONFIG
 from llamapool.server.http_errors import error_response, flavor_for
-from llamapool.server.relay import Handler
+from llamapool.server.relay import REQUEST_ID, Handler
 from llamapool.server.workers import key_matches
 
 log = structlog.get_logger("llamapool.server")
 
-REQUEST_ID = "X-Request-Id"
 _VALID_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 #: Routes under these prefixes need ``Authorization: Bearer <API_KEY>`` when keys are set.
 PROTECTED = ("/v1/", "/api/")

@@ -8,6 +8,7 @@ arrives.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -19,10 +20,12 @@ from llamapool.errors import RoutingError
 from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
 from llamapool.protocol import ProxyRequest, ResponseHeaders
 from llamapool.server.appkeys import CONFIG, POOL
-from llamapool.server.exchange import Broken, Ended, Event
+from llamapool.server.exchange import Broken, Ended, Event, Exchange
 from llamapool.server.http_errors import Flavor, error_response
 
 log = structlog.get_logger("llamapool.server")
+
+REQUEST_ID = "X-Request-Id"
 
 Handler = Any  # aiohttp handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,33 +71,65 @@ async def relay(
 ) -> web.StreamResponse:
     pool, cfg = request.app[POOL], request.app[CONFIG]
     path = request.path
+    started = time.monotonic()
     try:
         worker = pool.acquire(model, path)
     except RoutingError as exc:
+        log.info("request_rejected", model=model, path=path, reason=exc.code)
         return error_response(flavor, exc.status, str(exc), code=exc.code)
 
     link = worker.link
     wire_id = uuid.uuid4().hex
     exchange = link.open(wire_id)
     deadline = asyncio.get_running_loop().time() + cfg.request_timeout
+    headers = forwardable(request.headers.items(), CLIENT_ONLY)
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id:
+        headers[REQUEST_ID] = str(request_id)
     outgoing = ProxyRequest(
-        request_id=wire_id,
-        method=request.method,
-        path=path,
-        headers=forwardable(request.headers.items(), CLIENT_ONLY),
-        stream=stream,
+        request_id=wire_id, method=request.method, path=path, headers=headers, stream=stream
     )
+    status, first_byte = 0, 0.0
     try:
-        await link.send_request(outgoing, body)
+        try:
+            await link.send_request(outgoing, body)
+        except (ConnectionError, RuntimeError):
+            status = 502
+            return error_response(flavor, 502, "the worker disconnected", code="worker_gone")
         try:
             first = await exchange.next(deadline)
         except TimeoutError:
+            status = 504
             return error_response(flavor, 504, "the worker did not answer in time", code="timeout")
         if not isinstance(first, ResponseHeaders):
+            status = 502
             return error_response(flavor, 502, _failure(first), code="worker_error")
-        response = web.StreamResponse(
-            status=first.status, headers=forwardable(first.headers.items(), RECOMPUTED)
+        status, first_byte = first.status, time.monotonic()
+        return await _stream_back(request, first, exchange, deadline)
+    finally:
+        if not exchange.finished:
+            await link.cancel(wire_id)
+        link.forget(wire_id)
+        pool.release(worker)
+        log.info(
+            "request_done",
+            model=model,
+            path=path,
+            worker_id=worker.id,
+            status=status,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            ttfb_ms=round((first_byte - started) * 1000, 1) if first_byte else None,
         )
+
+
+async def _stream_back(
+    request: web.Request, first: ResponseHeaders, exchange: Exchange, deadline: float
+) -> web.StreamResponse:
+    """Send the worker's status and headers, then each chunk the moment it arrives."""
+    response = web.StreamResponse(
+        status=first.status, headers=forwardable(first.headers.items(), RECOMPUTED)
+    )
+    try:
         await response.prepare(request)
         event: Event
         while True:
@@ -102,20 +137,16 @@ async def relay(
                 event = await exchange.next(deadline)
             except TimeoutError:
                 event = Broken("the request took longer than REQUEST_TIMEOUT")
-            if isinstance(event, (bytes, memoryview)):
-                await response.write(event)
-                continue
-            break
+            if not isinstance(event, (bytes, memoryview)):
+                break
+            await response.write(event)
         if isinstance(event, Ended) and event.error is None:
             await response.write_eof()
         else:
             await _end_with_error(request, response, _failure(event))
-        return response
-    finally:
-        if not exchange.finished:
-            await link.cancel(wire_id)
-        link.forget(wire_id)
-        pool.release(worker)
+    except ConnectionResetError:  # the client left; the caller cancels the worker's job
+        log.info("client_disconnected", path=request.path)
+    return response
 
 
 def _failure(event: Event) -> str:

@@ -233,6 +233,10 @@ class Agent:
             log.warning("backend_request_failed", path=request.path, error=str(exc))
             await self._fail(rid, "backend_error", str(exc) or type(exc).__name__)
             return
+        except Exception as exc:  # never leave the server waiting on a request
+            log.exception("backend_request_crashed", path=request.path)
+            await self._fail(rid, "worker_error", f"{type(exc).__name__}: {exc}")
+            return
         await self._send(ResponseEnd(rid))
 
     async def _fail(self, request_id: str, code: str, message: str) -> None:
