@@ -28,6 +28,8 @@ class RoutingError(LlamapoolError):
 
     status = 503
     code = "routing_error"
+    #: Label value of ``llamapool_rejections_total``.
+    reason = "unavailable"
 
 
 class NoWorkerError(RoutingError):
@@ -35,6 +37,7 @@ class NoWorkerError(RoutingError):
 
     status = 404
     code = "model_not_found"
+    reason = "no_worker"
 
 
 class WorkersBusyError(RoutingError):
@@ -42,6 +45,7 @@ class WorkersBusyError(RoutingError):
 
     status = 503
     code = "workers_busy"
+    reason = "busy"
 
 
 class WorkerGoneError(LlamapoolError):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from llamapool.build import build_info
 from llamapool.config import ServeConfig
-from llamapool.server import middleware, ollama, openai
-from llamapool.server.appkeys import CONFIG, POOL, SOCKETS
+from llamapool.server import middleware, ollama, openai, state_api
+from llamapool.server.appkeys import CONFIG, POOL, SOCKETS, STATE
 from llamapool.server.http_errors import json_response
 from llamapool.server.link import CLOSE_GOING_AWAY
+from llamapool.server.metrics import ServerMetrics
 from llamapool.server.pool import Pool
+from llamapool.server.state import PoolState
 from llamapool.server.workers import evict_silent_workers, worker_socket
 
 
@@ -24,18 +27,32 @@ async def _close_worker_sockets(app: web.Application) -> None:
         await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
 
 
+def create_metrics_app(state: PoolState) -> web.Application:
+    """``/metrics`` alone, for ``--metrics-port``."""
+    app = web.Application()
+    app[STATE] = state
+    app.add_routes([web.get("/metrics", state_api.metrics)])
+    return app
+
+
 def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application:
+    """The server: HTTP API, worker socket, state, metrics (unless on their own port)."""
     app = web.Application(
         client_max_size=cfg.max_body_size,
         middlewares=[middleware.request_ids, middleware.json_errors, middleware.client_auth],
     )
     app[CONFIG] = cfg
-    app[POOL] = pool if pool is not None else Pool()
+    app[POOL] = pool = pool if pool is not None else Pool()
+    build = build_info()
+    app[STATE] = PoolState(pool, ServerMetrics(build), build)
     app[SOCKETS] = set()
     app.add_routes(
         [
             web.get("/healthz", healthz),
             web.get(cfg.ws_path, worker_socket),
+            # llamapool's own API
+            web.get("/api/v1/state", state_api.state),
+            web.get("/api/v1/state/stream", state_api.state_stream),
             # OpenAI
             web.post("/v1/chat/completions", openai.chat_completions),
             web.post("/v1/completions", openai.completions),
@@ -49,7 +66,10 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
             web.get("/api/tags", ollama.tags),
         ]
     )
+    if cfg.metrics_port is None:
+        app.add_routes([web.get("/metrics", state_api.metrics)])
     app.on_response_prepare.append(middleware.echo_request_id)
     app.cleanup_ctx.append(evict_silent_workers)
+    app.cleanup_ctx.append(state_api.broadcast_state)
     app.on_shutdown.append(_close_worker_sockets)
     return app

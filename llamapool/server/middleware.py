@@ -8,7 +8,7 @@ import uuid
 import structlog
 from aiohttp import web
 
-from llamapool.server.appkeys import CONFIG
+from llamapool.server.appkeys import CONFIG, STATE
 from llamapool.server.http_errors import error_response, flavor_for
 from llamapool.server.relay import REQUEST_ID, Handler
 from llamapool.server.workers import key_matches
@@ -62,6 +62,7 @@ async def client_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     if keys and request.path.startswith(PROTECTED):
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
+            request.app[STATE].rejected("unauthorized")
             return error_response(
                 flavor_for(request.path),
                 401,

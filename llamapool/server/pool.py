@@ -70,6 +70,10 @@ class WorkerHandle:
     build_date: str = ""
     backend: str = ""
     inflight: int = 0
+    #: Set when the worker said it is draining: it finishes its requests but takes no more.
+    draining: bool = False
+    #: Requests waiting in the server's queue for a model this worker serves.
+    queue_len: int = 0
     connected_at: float = attrs.field(factory=time.time)
     last_heartbeat: float = attrs.field(factory=time.monotonic)
     _buckets: list[_Buckets] = attrs.field(factory=list, repr=False)

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+import attrs
 import orjson
 import structlog
 from aiohttp import web
@@ -19,9 +20,12 @@ from aiohttp import web
 from llamapool.errors import RoutingError
 from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
 from llamapool.protocol import ProxyRequest, ResponseHeaders
-from llamapool.server.appkeys import CONFIG, POOL
+from llamapool.server.appkeys import CONFIG, POOL, STATE
 from llamapool.server.exchange import Broken, Ended, Event, Exchange
 from llamapool.server.http_errors import Flavor, error_response
+from llamapool.server.pool import WorkerHandle, fallback_names
+from llamapool.server.state import CANCELLED, ERROR, SUCCESS
+from llamapool.server.usage import Usage, UsageScanner
 
 log = structlog.get_logger("llamapool.server")
 
@@ -66,69 +70,129 @@ def proxy_route(flavor: Flavor, *, stream_default: bool) -> Handler:
     return handler
 
 
+@attrs.define
+class _Trace:
+    """What happened to one request: for its log line, the state API and the metrics."""
+
+    status: int = 0
+    outcome: str = ERROR
+    error: str = ""
+    first_byte: float | None = None
+    usage: Usage | None = None
+
+
 async def relay(
     request: web.Request, *, flavor: Flavor, body: bytes, model: str, stream: bool
 ) -> web.StreamResponse:
-    pool, cfg = request.app[POOL], request.app[CONFIG]
-    path = request.path
+    """Send one request to the least-busy worker serving ``model`` and relay its answer."""
+    app = request.app
+    pool, state = app[POOL], app[STATE]
     started = time.monotonic()
     try:
-        worker = pool.acquire(model, path)
+        worker = pool.acquire(model, request.path)
     except RoutingError as exc:
-        log.info("request_rejected", model=model, path=path, reason=exc.code)
+        state.rejected(exc.reason)
+        log.info("request_rejected", model=model, path=request.path, reason=exc.reason)
         return error_response(flavor, exc.status, str(exc), code=exc.code)
 
+    served = next((n for n in fallback_names(model) if n in worker.models), model)
+    state.request_started(worker)
+    trace = _Trace()
+    try:
+        return await _exchange(
+            request, worker, body=body, stream=stream, flavor=flavor, trace=trace
+        )
+    except asyncio.CancelledError:
+        trace.outcome = CANCELLED
+        raise
+    finally:
+        pool.release(worker)
+        duration = time.monotonic() - started
+        ttfb = trace.first_byte - started if trace.first_byte is not None else None
+        state.request_finished(
+            worker,
+            served,
+            outcome=trace.outcome,
+            duration=duration,
+            ttfb=ttfb,
+            usage=trace.usage,
+            error=trace.error,
+        )
+        log.info(
+            "request_done",
+            model=served,
+            path=request.path,
+            worker_id=worker.id,
+            worker_name=worker.name,
+            status=trace.status,
+            outcome=trace.outcome,
+            duration_ms=round(duration * 1000, 1),
+            ttfb_ms=round(ttfb * 1000, 1) if ttfb is not None else None,
+            tokens_in=trace.usage.tokens_in if trace.usage else None,
+            tokens_out=trace.usage.tokens_out if trace.usage else None,
+        )
+
+
+async def _exchange(
+    request: web.Request,
+    worker: WorkerHandle,
+    *,
+    body: bytes,
+    stream: bool,
+    flavor: Flavor,
+    trace: _Trace,
+) -> web.StreamResponse:
+    """One attempt on one worker: send the request, wait for its headers, stream it back."""
     link = worker.link
     wire_id = uuid.uuid4().hex
     exchange = link.open(wire_id)
-    deadline = asyncio.get_running_loop().time() + cfg.request_timeout
+    deadline = asyncio.get_running_loop().time() + request.app[CONFIG].request_timeout
     headers = forwardable(request.headers.items(), CLIENT_ONLY)
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id:
         headers[REQUEST_ID] = str(request_id)
     outgoing = ProxyRequest(
-        request_id=wire_id, method=request.method, path=path, headers=headers, stream=stream
+        request_id=wire_id, method=request.method, path=request.path, headers=headers, stream=stream
     )
-    status, first_byte = 0, 0.0
     try:
         try:
             await link.send_request(outgoing, body)
         except (ConnectionError, RuntimeError):
-            status = 502
-            return error_response(flavor, 502, "the worker disconnected", code="worker_gone")
+            return _error(trace, flavor, 502, "the worker disconnected", "worker_gone")
         try:
             first = await exchange.next(deadline)
         except TimeoutError:
-            status = 504
-            return error_response(flavor, 504, "the worker did not answer in time", code="timeout")
+            return _error(trace, flavor, 504, "the worker did not answer in time", "timeout")
         if not isinstance(first, ResponseHeaders):
-            status = 502
-            return error_response(flavor, 502, _failure(first), code="worker_error")
-        status, first_byte = first.status, time.monotonic()
-        return await _stream_back(request, first, exchange, deadline)
+            return _error(trace, flavor, 502, _failure(first), "worker_error")
+        trace.status, trace.first_byte = first.status, time.monotonic()
+        return await _stream_back(request, first, exchange, deadline, trace)
     finally:
         if not exchange.finished:
             await link.cancel(wire_id)
         link.forget(wire_id)
-        pool.release(worker)
-        log.info(
-            "request_done",
-            model=model,
-            path=path,
-            worker_id=worker.id,
-            status=status,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-            ttfb_ms=round((first_byte - started) * 1000, 1) if first_byte else None,
-        )
+
+
+def _error(trace: _Trace, flavor: Flavor, status: int, message: str, code: str) -> web.Response:
+    trace.status, trace.outcome, trace.error = status, ERROR, message
+    return error_response(flavor, status, message, code=code)
 
 
 async def _stream_back(
-    request: web.Request, first: ResponseHeaders, exchange: Exchange, deadline: float
+    request: web.Request,
+    first: ResponseHeaders,
+    exchange: Exchange,
+    deadline: float,
+    trace: _Trace,
 ) -> web.StreamResponse:
-    """Send the worker's status and headers, then each chunk the moment it arrives."""
+    """Send the worker's status and headers, then each chunk the moment it arrives.
+
+    Chunks are written as they are; the usage scanner only reads them.
+    """
     response = web.StreamResponse(
         status=first.status, headers=forwardable(first.headers.items(), RECOMPUTED)
     )
+    scanner = UsageScanner()
     try:
         await response.prepare(request)
         event: Event
@@ -139,12 +203,19 @@ async def _stream_back(
                 event = Broken("the request took longer than REQUEST_TIMEOUT")
             if not isinstance(event, (bytes, memoryview)):
                 break
+            scanner.feed(event)
             await response.write(event)
+        trace.usage = scanner.usage()
         if isinstance(event, Ended) and event.error is None:
             await response.write_eof()
+            trace.outcome = SUCCESS if first.status < 400 else ERROR
+            if first.status >= 400:
+                trace.error = f"backend answered HTTP {first.status}"
         else:
-            await _end_with_error(request, response, _failure(event))
+            trace.error = _failure(event)
+            await _end_with_error(request, response, trace.error)
     except ConnectionResetError:  # the client left; the caller cancels the worker's job
+        trace.outcome = CANCELLED
         log.info("client_disconnected", path=request.path)
     return response
 

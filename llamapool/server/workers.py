@@ -24,9 +24,10 @@ from llamapool.protocol import (
     ResponseEnd,
     ResponseHeaders,
 )
-from llamapool.server.appkeys import CONFIG, POOL, SOCKETS
+from llamapool.server.appkeys import CONFIG, POOL, SOCKETS, STATE
 from llamapool.server.link import CLOSE_POLICY, WorkerLink
 from llamapool.server.pool import Pool, WorkerHandle
+from llamapool.server.state import PoolState
 
 log = structlog.get_logger("llamapool.server")
 
@@ -74,6 +75,8 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     replaced = pool.add(worker)
     if replaced is not None:
         replaced.link.close_soon("replaced by a new connection")
+    state = request.app[STATE]
+    state.worker_joined(worker)
     sockets = request.app[SOCKETS]
     sockets.add(ws)
     if register.protocol:  # a llamapool-py worker: say which extensions we will use
@@ -88,10 +91,12 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         features=features,
     )
     try:
-        await _serve(ws, worker, link, pool)
+        await _serve(ws, worker, link, pool, state)
     finally:
         sockets.discard(ws)
         pool.remove(worker)
+        state.worker_left(worker)
+        state.metrics.worker_messages_ignored.inc(link.ignored)
         link.break_all("worker disconnected")
         log.info("worker_disconnected", worker_id=worker.id, worker_name=worker.name)
     return ws
@@ -121,7 +126,11 @@ async def _receive_register(ws: web.WebSocketResponse, timeout: float) -> Regist
 
 
 async def _serve(
-    ws: web.WebSocketResponse, worker: WorkerHandle, link: WorkerLink, pool: Pool
+    ws: web.WebSocketResponse,
+    worker: WorkerHandle,
+    link: WorkerLink,
+    pool: Pool,
+    state: PoolState,
 ) -> None:
     async for msg in ws:
         worker.last_heartbeat = time.monotonic()  # any message proves the worker alive
@@ -144,8 +153,11 @@ async def _serve(
                 link.dispatch(message)
             case ModelsUpdate(models=models):
                 pool.set_models(worker, models)
+                state.changed()
                 log.info("worker_models_updated", worker_id=worker.id, models=len(models))
-            case Heartbeat() | None:
+            case Heartbeat():
+                state.changed()
+            case None:
                 pass
             case _:
                 link.ignored += 1

@@ -1,0 +1,103 @@
+"""Every Prometheus series the server exports, declared once.
+
+The first four keep the Go version's exact names and labels so existing dashboards and alerts
+work unchanged. Labels stay bounded: models and worker ids come from registered workers (never
+from what a client asks for), and there are no request ids or free text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from llamapool.build import BuildInfo
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics", "generate_latest"]
+
+#: Latency buckets from 5 ms to 10 min: LLM requests range from embeddings to long generations.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class ServerMetrics:
+    """The server's collectors, in a registry of their own (one per application)."""
+
+    def __init__(self, build: BuildInfo, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # Go exports no *_created
+        self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        # --- the Go version's series -----------------------------------------------------
+        self.build_info = Gauge(
+            "llamapool_build_info",
+            "Build information of this llamapool component.",
+            ["component", "version", "sha", "date"],
+            registry=r,
+        )
+        self.build_info.labels("server", build.version, build.sha, build.date).set(1)
+        self.model_requests = Counter(
+            "llamapool_model_requests",
+            "Requests per model by outcome (success, error, cancelled).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.model_tokens = Counter(
+            "llamapool_model_tokens",
+            "Tokens per model as reported by the backends; kind is in or out.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "llamapool_request_duration_seconds",
+            "Time from dispatch to the end of the response, per worker and model.",
+            ["worker_id", "model"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        # --- what an operator needs beyond them ------------------------------------------
+        self.time_to_first_byte = Histogram(
+            "llamapool_time_to_first_byte_seconds",
+            "Time from dispatch until the worker's response headers arrived, per model.",
+            ["model"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "llamapool_requests_in_flight",
+            "Requests currently being served by a worker.",
+            registry=r,
+        )
+        self.workers = Gauge(
+            "llamapool_workers",
+            "Workers known to the server, by status (working, idle, draining, gone).",
+            ["status"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "llamapool_rejections",
+            "Requests refused before reaching a worker, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "llamapool_queue_length",
+            "Requests waiting for a free worker.",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llamapool_queue_wait_seconds",
+            "Time requests spent waiting for a free worker.",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.worker_messages_ignored = Counter(
+            "llamapool_worker_messages_ignored",
+            "Worker messages that were malformed or named an unknown request.",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

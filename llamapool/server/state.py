@@ -1,0 +1,235 @@
+"""What the pool has done, for ``/api/v1/state``, its SSE stream, the dashboard and /metrics.
+
+The relay and the worker endpoint report events here; this module keeps the running totals
+(per worker and per model), mirrors them into the Prometheus collectors, and renders the Go
+version's state schema. A worker that leaves stays listed as ``gone`` for a while, so an operator
+sees it went away rather than it silently vanishing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+
+from llamapool.build import BuildInfo
+from llamapool.server.metrics import ServerMetrics
+from llamapool.server.pool import Pool, WorkerHandle
+from llamapool.server.usage import Usage
+
+#: Outcomes of a request that reached a worker (label values of llamapool_model_requests_total).
+SUCCESS, ERROR, CANCELLED = "success", "error", "cancelled"
+
+
+@attrs.define
+class ModelTally:
+    success_total: int = 0
+    error_total: int = 0
+    tokens_in_total: int = 0
+    tokens_out_total: int = 0
+
+
+@attrs.define
+class WorkerRecord:
+    """The lifetime totals of one worker id, across reconnects."""
+
+    handle: WorkerHandle
+    gone_at: float | None = None
+    processed_total: int = 0
+    processing_ms_total: float = 0.0
+    failures_total: int = 0
+    last_error: str = ""
+    tokens_in_total: int = 0
+    tokens_out_total: int = 0
+    per_model: dict[str, ModelTally] = attrs.Factory(dict)
+
+    @property
+    def status(self) -> str:
+        if self.gone_at is not None:
+            return "gone"
+        if self.handle.draining:
+            return "draining"
+        return "working" if self.handle.inflight else "idle"
+
+
+class PoolState:
+    """Running totals of the pool and a monotonically increasing change counter."""
+
+    def __init__(
+        self, pool: Pool, metrics: ServerMetrics, build: BuildInfo, *, gone_retention: float = 300
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.build = build
+        self.gone_retention = gone_retention
+        self.started = time.time()
+        self.version = 0
+        self.records: dict[str, WorkerRecord] = {}
+        self.jobs_inflight_total = 0
+        self.jobs_completed_total = 0
+        self.jobs_failed_total = 0
+        self.queue_len = 0
+
+    def changed(self) -> None:
+        self.version += 1
+
+    # --- events ------------------------------------------------------------------------------
+
+    def worker_joined(self, worker: WorkerHandle) -> None:
+        record = self.records.get(worker.id)
+        if record is None:
+            self.records[worker.id] = WorkerRecord(worker)
+        else:  # a reconnect keeps its totals
+            record.handle, record.gone_at = worker, None
+        self._count_workers()
+
+    def worker_left(self, worker: WorkerHandle) -> None:
+        record = self.records.get(worker.id)
+        if record is not None and record.handle is worker:
+            record.gone_at = time.time()
+        self._count_workers()
+
+    def request_started(self, worker: WorkerHandle) -> None:
+        self.jobs_inflight_total += 1
+        self.metrics.requests_in_flight.inc()
+        self._count_workers()
+
+    def request_finished(
+        self,
+        worker: WorkerHandle,
+        model: str,
+        *,
+        outcome: str,
+        duration: float,
+        ttfb: float | None,
+        usage: Usage | None,
+        error: str = "",
+    ) -> None:
+        """One request a worker took has ended. ``model`` is the name the worker serves."""
+        self.jobs_inflight_total -= 1
+        m = self.metrics
+        m.requests_in_flight.dec()
+        m.model_requests.labels(model, outcome).inc()
+        m.request_duration.labels(worker.id, model).observe(duration)
+        if ttfb is not None:
+            m.time_to_first_byte.labels(model).observe(ttfb)
+        record = self.records.get(worker.id)
+        tally = None
+        if record is not None:
+            tally = record.per_model.setdefault(model, ModelTally())
+            record.processed_total += 1
+            record.processing_ms_total += duration * 1000
+        if outcome == SUCCESS:
+            self.jobs_completed_total += 1
+            if tally is not None:
+                tally.success_total += 1
+        elif outcome == ERROR:
+            self.jobs_failed_total += 1
+            if record is not None and tally is not None:
+                record.failures_total += 1
+                record.last_error = error[:200]
+                tally.error_total += 1
+        if usage is not None:
+            m.model_tokens.labels(model, "in").inc(usage.tokens_in)
+            m.model_tokens.labels(model, "out").inc(usage.tokens_out)
+            if record is not None and tally is not None:
+                record.tokens_in_total += usage.tokens_in
+                record.tokens_out_total += usage.tokens_out
+                tally.tokens_in_total += usage.tokens_in
+                tally.tokens_out_total += usage.tokens_out
+        self._count_workers()
+
+    def rejected(self, reason: str) -> None:
+        """A request refused before any worker saw it (no_worker, busy, unauthorized, ...)."""
+        self.metrics.rejections.labels(reason).inc()
+
+    def queue_changed(self, length: int) -> None:
+        self.queue_len = length
+        self.metrics.queue_length.set(length)
+        self.changed()
+
+    # --- views -------------------------------------------------------------------------------
+
+    def prune(self, now: float | None = None) -> None:
+        """Forget workers gone for longer than the retention period."""
+        now = time.time() if now is None else now
+        stale = [
+            wid
+            for wid, r in self.records.items()
+            if r.gone_at is not None and now - r.gone_at > self.gone_retention
+        ]
+        for wid in stale:
+            del self.records[wid]
+        if stale:
+            self._count_workers()
+
+    def _count_workers(self) -> None:
+        counts = dict.fromkeys(("working", "idle", "draining", "gone"), 0)
+        for record in self.records.values():
+            counts[record.status] += 1
+        for status, n in counts.items():
+            self.metrics.workers.labels(status).set(n)
+        self.changed()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The Go version's ``/api/v1/state`` document."""
+        now = time.time()
+        mono = time.monotonic()
+        workers = [_worker(r, now, mono) for r in self.records.values()]
+        workers.sort(key=lambda w: (w["status"] == "gone", w["name"], w["id"]))
+        summary = dict.fromkeys(("connected", "working", "idle", "gone"), 0)
+        for w in workers:
+            if w["status"] == "gone":
+                summary["gone"] += 1
+            else:
+                summary["connected"] += 1
+                summary["working" if w["inflight"] else "idle"] += 1
+        return {
+            "server": {
+                "now": _iso(now),
+                "version": self.build.version,
+                "build_sha": self.build.sha,
+                "build_date": self.build.date,
+                "uptime_s": int(now - self.started),
+                "jobs_inflight_total": self.jobs_inflight_total,
+                "jobs_completed_total": self.jobs_completed_total,
+                "jobs_failed_total": self.jobs_failed_total,
+                "scheduler_queue_len": self.queue_len,
+            },
+            "workers_summary": summary,
+            "models": [{"name": m.id, "workers": len(m.workers)} for m in self.pool.models()],
+            "workers": workers,
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _worker(record: WorkerRecord, now: float, mono: float) -> dict[str, Any]:
+    h = record.handle
+    processed = record.processed_total
+    return {
+        "id": h.id,
+        "name": h.name,
+        "status": record.status,
+        "connected_at": _iso(h.connected_at),
+        "last_heartbeat": _iso(now - (mono - h.last_heartbeat)),
+        "version": h.version,
+        "build_sha": h.build_sha,
+        "build_date": h.build_date,
+        "backend": h.backend,
+        "models_supported": sorted(h.models),
+        "max_concurrency": h.max_concurrency,
+        "processed_total": processed,
+        "processing_ms_total": round(record.processing_ms_total),
+        "avg_processing_ms": round(record.processing_ms_total / processed) if processed else 0,
+        "inflight": 0 if record.gone_at is not None else h.inflight,
+        "failures_total": record.failures_total,
+        "queue_len": h.queue_len,
+        "last_error": record.last_error,
+        "tokens_in_total": record.tokens_in_total,
+        "tokens_out_total": record.tokens_out_total,
+        "per_model": {name: attrs.asdict(t) for name, t in sorted(record.per_model.items())},
+    }
