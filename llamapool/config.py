@@ -43,6 +43,18 @@ class ServeConfig:
     worker_timeout: float = 15.0
     #: Seconds a new worker connection has to send its register message.
     register_timeout: float = 10.0
+    #: Seconds a stream may go without a byte from its worker before it is ended.
+    idle_timeout: float = 120.0
+    #: Requests that may wait per model when every worker serving it is busy (0: none wait).
+    queue_size: int = 100
+    #: Seconds a request may wait in the queue before it is answered 503.
+    queue_timeout: float = 30.0
+    #: Seconds in-flight requests get to finish on SIGTERM before the server stops anyway.
+    drain_timeout: float = 30.0
+    #: How many workers one request may be tried on when workers vanish before answering.
+    max_attempts: int = 3
+    #: Seconds a departed worker stays listed as ``gone`` in the state API.
+    gone_retention: float = 300.0
 
     @ws_path.validator
     def _check_ws_path(self, _: attrs.Attribute[str], value: str) -> None:
@@ -70,6 +82,14 @@ class WorkConfig:
     heartbeat_interval: float = 5.0
     #: Cap of the exponential reconnect backoff, in seconds.
     reconnect_max: float = 30.0
+    #: Seconds between two checks of the backend's health and model list.
+    probe_interval: float = 20.0
+    #: Seconds to let in-flight requests finish on SIGTERM (0: exit at once; -1: wait forever).
+    drain_timeout: float = 60.0
+    #: ``host:port`` of the local status endpoint (``/status``, ``/version``); empty: off.
+    status_addr: str = ""
+    #: ``host:port`` of the worker's Prometheus endpoint; empty: off.
+    metrics_addr: str = ""
 
     @server_url.validator
     def _check_url(self, _: attrs.Attribute[str], value: str) -> None:

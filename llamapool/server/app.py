@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
 from llamapool.build import build_info
@@ -19,6 +21,18 @@ from llamapool.server.workers import evict_silent_workers, worker_socket
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: the process is up (no key needed)."""
     return json_response({"status": "ok", "workers": len(request.app[POOL])})
+
+
+DASHBOARD = Path(__file__).parent / "dashboard"
+
+
+async def dashboard(request: web.Request) -> web.FileResponse:
+    """``GET /dashboard/``: the live dashboard page (static; it reads the state stream)."""
+    return web.FileResponse(DASHBOARD / "index.html")
+
+
+async def to_dashboard(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/dashboard/")
 
 
 async def _close_worker_sockets(app: web.Application) -> None:
@@ -53,6 +67,10 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
             # llamapool's own API
             web.get("/api/v1/state", state_api.state),
             web.get("/api/v1/state/stream", state_api.state_stream),
+            web.get("/", to_dashboard),
+            web.get("/dashboard", to_dashboard),
+            web.get("/dashboard/", dashboard),
+            web.static("/dashboard/assets", DASHBOARD),
             # OpenAI
             web.post("/v1/chat/completions", openai.chat_completions),
             web.post("/v1/completions", openai.completions),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -94,7 +95,9 @@ class _Buckets:
     def __init__(self, paths: frozenset[str] | None) -> None:
         self.paths = paths
         self.members = 0
-        self._levels: list[dict[WorkerHandle, None]] = []
+        # OrderedDict, not dict: a dict finds its first key by scanning the holes its removed
+        # keys left, which makes round-robin O(workers); an OrderedDict's first key is O(1).
+        self._levels: list[OrderedDict[WorkerHandle, None]] = []
         self._lowest = 0
 
     def serves(self, path: str) -> bool:
@@ -105,7 +108,7 @@ class _Buckets:
             return
         level = worker.inflight
         while len(self._levels) <= level:
-            self._levels.append({})
+            self._levels.append(OrderedDict())
         self._levels[level][worker] = None  # appended last: ties rotate round-robin
         self._lowest = min(self._lowest, level)
 
