@@ -48,6 +48,22 @@ class WorkersBusyError(RoutingError):
     reason = "busy"
 
 
+class QueueFullError(RoutingError):
+    """Every worker for the model is busy and its wait queue is full: try again later."""
+
+    status = 429
+    code = "queue_full"
+    reason = "queue_full"
+
+
+class QueueTimeoutError(RoutingError):
+    """The request waited in the queue for longer than the queue timeout."""
+
+    status = 503
+    code = "queue_timeout"
+    reason = "queue_timeout"
+
+
 class WorkerGoneError(LlamapoolError):
     """The worker handling a request disconnected before the request ended."""
 

@@ -29,8 +29,22 @@ PROTOCOL_VERSION = 1
 FEATURE_BINARY_FRAMES = "binary_frames"
 #: The worker may send ``models_update`` when its backend's model list changes.
 FEATURE_MODELS_UPDATE = "models_update"
+#: The worker may send ``status_update`` (draining, backend down, ready again).
+FEATURE_STATUS_UPDATE = "status_update"
+#: Per-request flow control: the worker sends at most the bytes the server granted.
+FEATURE_FLOW_CONTROL = "flow_control"
 #: Every feature this implementation speaks; a connection uses those both sides name.
-FEATURES: tuple[str, ...] = (FEATURE_BINARY_FRAMES, FEATURE_MODELS_UPDATE)
+FEATURES: tuple[str, ...] = (
+    FEATURE_BINARY_FRAMES,
+    FEATURE_MODELS_UPDATE,
+    FEATURE_STATUS_UPDATE,
+    FEATURE_FLOW_CONTROL,
+)
+
+#: ``status_update`` values.
+STATUS_READY = "ready"
+STATUS_DRAINING = "draining"
+STATUS_NOT_READY = "not_ready"
 
 
 @attrs.frozen
@@ -106,6 +120,15 @@ class ModelsUpdate:
     models: list[str]
 
 
+@attrs.frozen
+class StatusUpdate:
+    """Extension: the worker is ``ready``, ``draining`` (finishing, taking nothing new) or
+    ``not_ready`` (its backend is down)."""
+
+    TYPE: ClassVar[str] = "status_update"
+    status: str
+
+
 # --- server to worker -----------------------------------------------------------------------
 
 
@@ -125,12 +148,24 @@ class ProxyRequest:
     stream: bool = False
     body: bytes = b""
     body_len: int = 0
+    #: With flow control: response bytes the worker may send before it gets more credit.
+    window: int = 0
 
 
 @attrs.frozen
 class Cancel:
     TYPE: ClassVar[str] = "http_proxy_cancel"
     request_id: str
+
+
+@attrs.frozen
+class Credit:
+    """Extension: the client consumed ``bytes`` more of the response; the worker may send
+    that much more."""
+
+    TYPE: ClassVar[str] = "http_proxy_credit"
+    request_id: str
+    bytes: int
 
 
 @attrs.frozen(kw_only=True)
@@ -149,8 +184,10 @@ Message: TypeAlias = (
     | ResponseChunk
     | ResponseEnd
     | ModelsUpdate
+    | StatusUpdate
     | ProxyRequest
     | Cancel
+    | Credit
     | Registered
 )
 
@@ -163,8 +200,10 @@ _CLASSES: dict[str, type[Message]] = {
         ResponseChunk,
         ResponseEnd,
         ModelsUpdate,
+        StatusUpdate,
         ProxyRequest,
         Cancel,
+        Credit,
         Registered,
     )
 }
@@ -196,12 +235,20 @@ def _structure_bool(value: Any, _: type) -> bool:
     return value
 
 
+def _structure_str_list(value: Any, _: type) -> list[str]:
+    # cattrs alone would turn a string into a list of its characters
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return [_structure_str(item, str) for item in value]
+
+
 converter = cattrs.Converter(forbid_extra_keys=False)
 converter.register_structure_hook(bytes, _structure_bytes)
 converter.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode("ascii"))
 converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook(int, _structure_int)
 converter.register_structure_hook(bool, _structure_bool)
+converter.register_structure_hook_func(lambda t: t == list[str], _structure_str_list)
 
 
 def encode(message: Message) -> str:
@@ -209,8 +256,10 @@ def encode(message: Message) -> str:
     data = converter.unstructure(message)
     if isinstance(message, ResponseEnd) and message.error is None:
         del data["error"]  # Go omits an empty error
-    if isinstance(message, ProxyRequest) and not message.body_len:
-        del data["body_len"]
+    if isinstance(message, ProxyRequest):  # extension fields stay off the wire when unused
+        for extension in ("body_len", "window"):
+            if not data[extension]:
+                del data[extension]
     data["type"] = message.TYPE
     return orjson.dumps(data).decode()
 

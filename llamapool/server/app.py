@@ -9,11 +9,12 @@ from aiohttp import web
 from llamapool.build import build_info
 from llamapool.config import ServeConfig
 from llamapool.server import middleware, ollama, openai, state_api
-from llamapool.server.appkeys import CONFIG, POOL, SOCKETS, STATE
+from llamapool.server.appkeys import CONFIG, POOL, SCHEDULER, SOCKETS, STATE
 from llamapool.server.http_errors import json_response
 from llamapool.server.link import CLOSE_GOING_AWAY
 from llamapool.server.metrics import ServerMetrics
 from llamapool.server.pool import Pool
+from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
 from llamapool.server.workers import evict_silent_workers, worker_socket
 
@@ -58,7 +59,15 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app[CONFIG] = cfg
     app[POOL] = pool = pool if pool is not None else Pool()
     build = build_info()
-    app[STATE] = PoolState(pool, ServerMetrics(build), build)
+    app[STATE] = state = PoolState(
+        pool, ServerMetrics(build), build, gone_retention=cfg.gone_retention
+    )
+    app[SCHEDULER] = Scheduler(
+        pool,
+        queue_size=cfg.queue_size,
+        queue_timeout=cfg.queue_timeout,
+        on_change=state.queue_changed,
+    )
     app[SOCKETS] = set()
     app.add_routes(
         [

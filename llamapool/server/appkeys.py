@@ -6,9 +6,11 @@ from aiohttp import web
 
 from llamapool.config import ServeConfig
 from llamapool.server.pool import Pool
+from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
 
 CONFIG = web.AppKey("config", ServeConfig)
 POOL = web.AppKey("pool", Pool)
 SOCKETS: web.AppKey[set[web.WebSocketResponse[bool]]] = web.AppKey("sockets")
 STATE = web.AppKey("state", PoolState)
+SCHEDULER = web.AppKey("scheduler", Scheduler)

@@ -35,13 +35,30 @@ Event: TypeAlias = ResponseHeaders | bytes | memoryview | Ended | Broken
 
 
 class Exchange:
-    """The response side of one request in flight on a worker."""
+    """The response side of one request in flight on a worker.
 
-    __slots__ = ("_events", "_waiter", "finished", "request_id")
+    ``limit`` bounds the body bytes held for a client that reads slower than its worker
+    sends (a peer without flow control); past it the request ends instead of growing memory.
+    """
 
-    def __init__(self, request_id: str) -> None:
+    __slots__ = (
+        "_events",
+        "_waiter",
+        "buffered",
+        "finished",
+        "limit",
+        "request_id",
+        "worker_ended",
+    )
+
+    def __init__(self, request_id: str, *, limit: int) -> None:
         self.request_id = request_id
+        self.limit = limit
+        self.buffered = 0
+        #: Nothing more will come for this request.
         self.finished = False
+        #: The worker itself ended the request (so it needs no cancel).
+        self.worker_ended = False
         self._events: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
@@ -50,6 +67,13 @@ class Exchange:
             return
         if isinstance(event, (Ended, Broken)):
             self.finished = True
+            self.worker_ended = isinstance(event, Ended)
+        elif not isinstance(event, ResponseHeaders):
+            self.buffered += len(event)
+            if self.buffered > self.limit:
+                self._events.clear()
+                self.finished = True
+                event = Broken("the client reads too slowly; the response buffer is full")
         self._events.append(event)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -68,7 +92,10 @@ class Exchange:
             finally:
                 timer.cancel()
                 self._waiter = None
-        return self._events.popleft()
+        event = self._events.popleft()
+        if isinstance(event, (bytes, memoryview)):
+            self.buffered -= len(event)
+        return event
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

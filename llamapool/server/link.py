@@ -14,6 +14,7 @@ from llamapool.protocol import (
     FRAME_REQUEST_BODY,
     FRAME_RESPONSE_CHUNK,
     Cancel,
+    Credit,
     ProxyRequest,
     ResponseChunk,
     ResponseEnd,
@@ -29,25 +30,46 @@ CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
 
 
+#: Response bytes a flow-controlled worker may send ahead of what the client has read.
+FLOW_WINDOW = 1024 * 1024
+#: Response bytes held for a slow client of a worker without flow control (a Go worker).
+UNCONTROLLED_BUFFER = 8 * 1024 * 1024
+
+
 class WorkerLink:
     """Requests in flight on one worker connection, by wire request id."""
 
-    def __init__(self, ws: web.WebSocketResponse, *, binary: bool) -> None:
+    def __init__(self, ws: web.WebSocketResponse, *, binary: bool, flow: bool = False) -> None:
         self.ws = ws
         self.binary = binary
+        #: The worker honours per-request credit (it sends at most what was granted).
+        self.flow = flow
         self.exchanges: dict[str, Exchange] = {}
         self.ignored = 0
         self._closing: asyncio.Task[bool] | None = None
 
     def open(self, request_id: str) -> Exchange:
-        exchange = self.exchanges[request_id] = Exchange(request_id)
+        # A flow-controlled worker overshoots its window by at most one chunk.
+        limit = 2 * FLOW_WINDOW + 1024 * 1024 if self.flow else UNCONTROLLED_BUFFER
+        exchange = self.exchanges[request_id] = Exchange(request_id, limit=limit)
         return exchange
+
+    @property
+    def window(self) -> int:
+        """The credit a new request starts with (0: no flow control)."""
+        return FLOW_WINDOW if self.flow else 0
+
+    async def grant(self, request_id: str, amount: int) -> None:
+        """Let the worker send ``amount`` more bytes of a response."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.send_str(protocol.encode(Credit(request_id, amount)))
 
     def forget(self, request_id: str) -> None:
         self.exchanges.pop(request_id, None)
 
     async def send_request(self, request: ProxyRequest, body: bytes) -> None:
         """Send a request; with binary frames the body follows raw, never base64."""
+        request = attrs.evolve(request, window=self.window)
         if self.binary:
             await self.ws.send_str(protocol.encode(attrs.evolve(request, body_len=len(body))))
             if body:

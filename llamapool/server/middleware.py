@@ -26,7 +26,11 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
     given = request.headers.get(REQUEST_ID, "")
     request_id = given if _VALID_ID.match(given) else uuid.uuid4().hex
     with structlog.contextvars.bound_contextvars(request_id=request_id):
-        return await handler(request)  # type: ignore[no-any-return]
+        response: web.StreamResponse = await handler(request)
+    # A response returned unprepared is prepared after this middleware, outside the context.
+    if not response.prepared and REQUEST_ID not in response.headers:
+        response.headers[REQUEST_ID] = request_id
+    return response
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Protocol
 
 import attrs
@@ -44,6 +44,9 @@ def fallback_names(model: str) -> list[str]:
 class Link(Protocol):
     """The connection a worker is reached through; the pool only stores it."""
 
+    @property
+    def window(self) -> int: ...
+
     def open(self, request_id: str) -> Exchange: ...
 
     def forget(self, request_id: str) -> None: ...
@@ -51,6 +54,8 @@ class Link(Protocol):
     async def send_request(self, request: ProxyRequest, body: bytes) -> None: ...
 
     async def cancel(self, request_id: str) -> None: ...
+
+    async def grant(self, request_id: str, amount: int) -> None: ...
 
     def close_soon(self, reason: str) -> None: ...
 
@@ -73,6 +78,8 @@ class WorkerHandle:
     inflight: int = 0
     #: Set when the worker said it is draining: it finishes its requests but takes no more.
     draining: bool = False
+    #: Cleared while the worker says its backend is down.
+    ready: bool = True
     #: Requests waiting in the server's queue for a model this worker serves.
     queue_len: int = 0
     connected_at: float = attrs.field(factory=time.time)
@@ -81,6 +88,11 @@ class WorkerHandle:
 
     def serves(self, path: str) -> bool:
         return self.paths is None or path in self.paths
+
+    @property
+    def routable(self) -> bool:
+        """Whether new requests may be sent to this worker."""
+        return self.ready and not self.draining
 
     @property
     def has_capacity(self) -> bool:
@@ -176,12 +188,40 @@ class Pool:
         if self._workers.get(worker.id) is worker:
             self._link(worker, worker.models)
 
-    def acquire(self, model: str, path: str) -> WorkerHandle:
+    def set_status(
+        self, worker: WorkerHandle, *, draining: bool | None = None, ready: bool | None = None
+    ) -> None:
+        """Take a worker out of routing (draining, backend down) or put it back."""
+        self._unlink(worker)
+        if draining is not None:
+            worker.draining = draining
+        if ready is not None:
+            worker.ready = ready
+        if self._workers.get(worker.id) is worker:
+            self._link(worker, worker.models)
+
+    def acquire(
+        self, model: str, path: str, *, exclude: Collection[WorkerHandle] = ()
+    ) -> WorkerHandle:
         """Take a slot on the least-busy worker serving ``model`` at ``path``.
 
         Raises :class:`NoWorkerError` when no worker serves it (even through an alias) and
-        :class:`WorkersBusyError` when all that do are full.
+        :class:`WorkersBusyError` when all that do are full. Workers in ``exclude`` (those a
+        retried request already failed on) are left out, at a cost paid only by retries.
         """
+        if not exclude:
+            return self._acquire(model, path)
+        hidden = [w for w in exclude if w._buckets]
+        for worker in hidden:
+            self._unlink(worker)
+        try:
+            return self._acquire(model, path)
+        finally:
+            for worker in hidden:
+                if self._workers.get(worker.id) is worker:
+                    self._link(worker, worker.models)
+
+    def _acquire(self, model: str, path: str) -> WorkerHandle:
         for name in fallback_names(model):
             groups = self._index.get(name)
             if not groups:
@@ -211,6 +251,8 @@ class Pool:
         """Every model some worker serves, sorted by id, with its workers sorted by name."""
         by_model: dict[str, list[WorkerHandle]] = {}
         for worker in self._workers.values():
+            if not worker.routable:
+                continue
             for model in worker.models:
                 by_model.setdefault(model, []).append(worker)
         return [
@@ -232,6 +274,8 @@ class Pool:
             buckets.insert(worker)
 
     def _link(self, worker: WorkerHandle, models: Iterable[str]) -> None:
+        if not worker.routable:
+            return
         now = int(time.time())
         for model in models:
             groups = self._index.setdefault(model, {})
@@ -244,6 +288,8 @@ class Pool:
             self._first_seen.setdefault(model, now)
 
     def _unlink(self, worker: WorkerHandle) -> None:
+        if not worker._buckets:
+            return
         for model in worker.models:
             groups = self._index.get(model)
             buckets = groups.get(worker.paths) if groups else None

@@ -1,8 +1,11 @@
 """One client request, proxied through a worker and streamed back unchanged.
 
-The body is parsed once, to find the model and whether the client asked for a stream; the
-response is never parsed here: each chunk the worker sends is written to the client as it
-arrives.
+The body is parsed once, to find the model and whether the client asked for a stream. The
+request goes to the least-busy worker serving the model, waiting in line when all are busy.
+If that worker fails before sending anything back (it disconnected, or could not reach its
+backend), the request is tried again on another worker, a bounded number of times: the
+client never sees the failure. Once bytes have reached the client, a failure ends the
+response instead (see :mod:`llamapool.server.stream`).
 """
 
 from __future__ import annotations
@@ -12,20 +15,19 @@ import time
 import uuid
 from typing import Any
 
-import attrs
 import orjson
 import structlog
 from aiohttp import web
 
 from llamapool.errors import RoutingError
-from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
+from llamapool.headers import CLIENT_ONLY, forwardable
 from llamapool.protocol import ProxyRequest, ResponseHeaders
-from llamapool.server.appkeys import CONFIG, POOL, STATE
-from llamapool.server.exchange import Broken, Ended, Event, Exchange
+from llamapool.server.appkeys import CONFIG, SCHEDULER, STATE
+from llamapool.server.exchange import Ended
 from llamapool.server.http_errors import Flavor, error_response
 from llamapool.server.pool import WorkerHandle, fallback_names
-from llamapool.server.state import CANCELLED, ERROR, SUCCESS
-from llamapool.server.usage import Usage, UsageScanner
+from llamapool.server.state import CANCELLED
+from llamapool.server.stream import Deadlines, Trace, failure, stream_back
 
 log = structlog.get_logger("llamapool.server")
 
@@ -70,43 +72,81 @@ def proxy_route(flavor: Flavor, *, stream_default: bool) -> Handler:
     return handler
 
 
-@attrs.define
-class _Trace:
-    """What happened to one request: for its log line, the state API and the metrics."""
-
-    status: int = 0
-    outcome: str = ERROR
-    error: str = ""
-    first_byte: float | None = None
-    usage: Usage | None = None
+class _Retry(Exception):
+    """The worker failed before sending anything: the request may go to another worker."""
 
 
 async def relay(
     request: web.Request, *, flavor: Flavor, body: bytes, model: str, stream: bool
 ) -> web.StreamResponse:
-    """Send one request to the least-busy worker serving ``model`` and relay its answer."""
+    """Serve one model request through the pool."""
     app = request.app
-    pool, state = app[POOL], app[STATE]
-    started = time.monotonic()
-    try:
-        worker = pool.acquire(model, request.path)
-    except RoutingError as exc:
-        state.rejected(exc.reason)
-        log.info("request_rejected", model=model, path=request.path, reason=exc.reason)
-        return error_response(flavor, exc.status, str(exc), code=exc.code)
+    cfg, scheduler, state = app[CONFIG], app[SCHEDULER], app[STATE]
+    now = asyncio.get_running_loop().time()
+    deadlines = Deadlines(end=now + cfg.request_timeout, idle=cfg.idle_timeout)
+    reason = ""
+    tried: list[WorkerHandle] = []
+    for attempt in range(1, cfg.max_attempts + 1):
+        try:
+            worker = await scheduler.acquire(model, request.path, exclude=tried)
+        except RoutingError as exc:
+            if attempt > 1:  # the workers that had it are gone: say what happened to them
+                break
+            state.rejected(exc.reason)
+            log.info("request_rejected", model=model, path=request.path, reason=exc.reason)
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            return error_response(flavor, exc.status, str(exc), code=exc.code, headers=headers)
+        try:
+            return await _attempt(
+                request,
+                worker,
+                model=model,
+                body=body,
+                stream=stream,
+                flavor=flavor,
+                deadlines=deadlines,
+                attempt=attempt,
+            )
+        except _Retry as exc:
+            reason = str(exc)
+            tried.append(worker)
+    return error_response(
+        flavor, 502, f"no worker could serve the request: {reason}", code="worker_error"
+    )
 
+
+async def _attempt(
+    request: web.Request,
+    worker: WorkerHandle,
+    *,
+    model: str,
+    body: bytes,
+    stream: bool,
+    flavor: Flavor,
+    deadlines: Deadlines,
+    attempt: int,
+) -> web.StreamResponse:
+    """One try on one worker, accounted for in the state, the metrics and one log line."""
+    scheduler, state = request.app[SCHEDULER], request.app[STATE]
     served = next((n for n in fallback_names(model) if n in worker.models), model)
+    started = time.monotonic()
     state.request_started(worker)
-    trace = _Trace()
+    trace = Trace()
     try:
         return await _exchange(
-            request, worker, body=body, stream=stream, flavor=flavor, trace=trace
+            request,
+            worker,
+            body=body,
+            stream=stream,
+            flavor=flavor,
+            deadlines=deadlines,
+            trace=trace,
         )
     except asyncio.CancelledError:
         trace.outcome = CANCELLED
         raise
     finally:
-        pool.release(worker)
+        scheduler.release(worker)
         duration = time.monotonic() - started
         ttfb = trace.first_byte - started if trace.first_byte is not None else None
         state.request_finished(
@@ -124,8 +164,10 @@ async def relay(
             path=request.path,
             worker_id=worker.id,
             worker_name=worker.name,
+            attempt=attempt,
             status=trace.status,
             outcome=trace.outcome,
+            error=trace.error or None,
             duration_ms=round(duration * 1000, 1),
             ttfb_ms=round(ttfb * 1000, 1) if ttfb is not None else None,
             tokens_in=trace.usage.tokens_in if trace.usage else None,
@@ -140,13 +182,13 @@ async def _exchange(
     body: bytes,
     stream: bool,
     flavor: Flavor,
-    trace: _Trace,
+    deadlines: Deadlines,
+    trace: Trace,
 ) -> web.StreamResponse:
-    """One attempt on one worker: send the request, wait for its headers, stream it back."""
+    """Send the request, wait for the response headers, then stream the response back."""
     link = worker.link
     wire_id = uuid.uuid4().hex
     exchange = link.open(wire_id)
-    deadline = asyncio.get_running_loop().time() + request.app[CONFIG].request_timeout
     headers = forwardable(request.headers.items(), CLIENT_ONLY)
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id:
@@ -158,90 +200,31 @@ async def _exchange(
         try:
             await link.send_request(outgoing, body)
         except (ConnectionError, RuntimeError):
-            return _error(trace, flavor, 502, "the worker disconnected", "worker_gone")
+            trace.error = "the worker disconnected"
+            raise _Retry(trace.error) from None
         try:
-            first = await exchange.next(deadline)
+            # No idle limit before the headers: a runtime may answer a non-streamed request
+            # only once it is done generating.
+            first = await exchange.next(deadlines.end)
         except TimeoutError:
-            return _error(trace, flavor, 504, "the worker did not answer in time", "timeout")
+            trace.status, trace.error = 504, "the worker did not answer in time"
+            return error_response(flavor, 504, trace.error, code="timeout")
         if not isinstance(first, ResponseHeaders):
-            return _error(trace, flavor, 502, _failure(first), "worker_error")
-        trace.status, trace.first_byte = first.status, time.monotonic()
-        return await _stream_back(request, first, exchange, deadline, trace)
+            trace.error = failure(first)
+            if isinstance(first, Ended) and first.error is None:
+                trace.status = 502
+                return error_response(flavor, 502, trace.error, code="worker_error")
+            raise _Retry(trace.error)
+        return await stream_back(
+            request,
+            first,
+            exchange,
+            link,
+            window=link.window,
+            deadlines=deadlines,
+            trace=trace,
+        )
     finally:
-        if not exchange.finished:
+        if not exchange.worker_ended:
             await link.cancel(wire_id)
         link.forget(wire_id)
-
-
-def _error(trace: _Trace, flavor: Flavor, status: int, message: str, code: str) -> web.Response:
-    trace.status, trace.outcome, trace.error = status, ERROR, message
-    return error_response(flavor, status, message, code=code)
-
-
-async def _stream_back(
-    request: web.Request,
-    first: ResponseHeaders,
-    exchange: Exchange,
-    deadline: float,
-    trace: _Trace,
-) -> web.StreamResponse:
-    """Send the worker's status and headers, then each chunk the moment it arrives.
-
-    Chunks are written as they are; the usage scanner only reads them.
-    """
-    response = web.StreamResponse(
-        status=first.status, headers=forwardable(first.headers.items(), RECOMPUTED)
-    )
-    scanner = UsageScanner()
-    try:
-        await response.prepare(request)
-        event: Event
-        while True:
-            try:
-                event = await exchange.next(deadline)
-            except TimeoutError:
-                event = Broken("the request took longer than REQUEST_TIMEOUT")
-            if not isinstance(event, (bytes, memoryview)):
-                break
-            scanner.feed(event)
-            await response.write(event)
-        trace.usage = scanner.usage()
-        if isinstance(event, Ended) and event.error is None:
-            await response.write_eof()
-            trace.outcome = SUCCESS if first.status < 400 else ERROR
-            if first.status >= 400:
-                trace.error = f"backend answered HTTP {first.status}"
-        else:
-            trace.error = _failure(event)
-            await _end_with_error(request, response, trace.error)
-    except ConnectionResetError:  # the client left; the caller cancels the worker's job
-        trace.outcome = CANCELLED
-        log.info("client_disconnected", path=request.path)
-    return response
-
-
-def _failure(event: Event) -> str:
-    if isinstance(event, Ended) and event.error is not None:
-        return f"worker error: {event.error.message}"
-    if isinstance(event, Broken):
-        return event.reason
-    return "the worker sent an unexpected message"
-
-
-async def _end_with_error(request: web.Request, response: web.StreamResponse, message: str) -> None:
-    """End a response whose headers are already sent, in a way its client will notice.
-
-    Streams get an error in their own framing (an SSE event, an NDJSON line) and a clean end;
-    other bodies are cut off, so no client mistakes half an answer for a whole one.
-    """
-    log.warning("relay_failed_midstream", reason=message)
-    content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith("text/event-stream"):
-        error = {"error": {"message": message, "type": "server_error", "code": "worker_error"}}
-        await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
-        await response.write_eof()
-    elif "ndjson" in content_type:
-        await response.write(orjson.dumps({"error": message}) + b"\n")
-        await response.write_eof()
-    elif request.transport is not None:
-        request.transport.abort()

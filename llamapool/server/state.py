@@ -90,6 +90,9 @@ class PoolState:
             record.gone_at = time.time()
         self._count_workers()
 
+    def worker_status_changed(self) -> None:
+        self._count_workers()
+
     def request_started(self, worker: WorkerHandle) -> None:
         self.jobs_inflight_total += 1
         self.metrics.requests_in_flight.inc()
@@ -144,9 +147,12 @@ class PoolState:
         """A request refused before any worker saw it (no_worker, busy, unauthorized, ...)."""
         self.metrics.rejections.labels(reason).inc()
 
-    def queue_changed(self, length: int) -> None:
+    def queue_changed(self, length: int, waited: float | None) -> None:
+        """The queue grew or shrank; ``waited`` is set when a request left it for a worker."""
         self.queue_len = length
         self.metrics.queue_length.set(length)
+        if waited is not None:
+            self.metrics.queue_wait.observe(waited)
         self.changed()
 
     # --- views -------------------------------------------------------------------------------

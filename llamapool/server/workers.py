@@ -15,7 +15,11 @@ from llamapool import __version__, protocol
 from llamapool.errors import ProtocolError
 from llamapool.protocol import (
     FEATURE_BINARY_FRAMES,
+    FEATURE_FLOW_CONTROL,
     FEATURES,
+    STATUS_DRAINING,
+    STATUS_NOT_READY,
+    STATUS_READY,
     Heartbeat,
     ModelsUpdate,
     Register,
@@ -23,10 +27,12 @@ from llamapool.protocol import (
     ResponseChunk,
     ResponseEnd,
     ResponseHeaders,
+    StatusUpdate,
 )
-from llamapool.server.appkeys import CONFIG, POOL, SOCKETS, STATE
+from llamapool.server.appkeys import CONFIG, POOL, SCHEDULER, SOCKETS, STATE
 from llamapool.server.link import CLOSE_POLICY, WorkerLink
-from llamapool.server.pool import Pool, WorkerHandle
+from llamapool.server.pool import WorkerHandle
+from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
 
 log = structlog.get_logger("llamapool.server")
@@ -58,7 +64,11 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         return ws
 
     features = sorted(set(register.features) & set(FEATURES))
-    link = WorkerLink(ws, binary=FEATURE_BINARY_FRAMES in features)
+    link = WorkerLink(
+        ws,
+        binary=FEATURE_BINARY_FRAMES in features,
+        flow=FEATURE_FLOW_CONTROL in features,
+    )
     worker = WorkerHandle(
         id=register.worker_id or uuid.uuid4().hex,
         name=register.worker_name or register.worker_id or "worker",
@@ -75,8 +85,9 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     replaced = pool.add(worker)
     if replaced is not None:
         replaced.link.close_soon("replaced by a new connection")
-    state = request.app[STATE]
+    state, scheduler = request.app[STATE], request.app[SCHEDULER]
     state.worker_joined(worker)
+    scheduler.dispatch()  # queued requests may be waiting for exactly this worker
     sockets = request.app[SOCKETS]
     sockets.add(ws)
     if register.protocol:  # a llamapool-py worker: say which extensions we will use
@@ -91,11 +102,12 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         features=features,
     )
     try:
-        await _serve(ws, worker, link, pool, state)
+        await _serve(ws, worker, link, scheduler, state)
     finally:
         sockets.discard(ws)
         pool.remove(worker)
         state.worker_left(worker)
+        scheduler.dispatch()  # fail waiters for models nobody serves any more
         state.metrics.worker_messages_ignored.inc(link.ignored)
         link.break_all("worker disconnected")
         log.info("worker_disconnected", worker_id=worker.id, worker_name=worker.name)
@@ -129,9 +141,10 @@ async def _serve(
     ws: web.WebSocketResponse,
     worker: WorkerHandle,
     link: WorkerLink,
-    pool: Pool,
+    scheduler: Scheduler,
     state: PoolState,
 ) -> None:
+    pool = scheduler.pool
     async for msg in ws:
         worker.last_heartbeat = time.monotonic()  # any message proves the worker alive
         if msg.type == WSMsgType.BINARY:
@@ -154,13 +167,30 @@ async def _serve(
             case ModelsUpdate(models=models):
                 pool.set_models(worker, models)
                 state.changed()
+                scheduler.dispatch()
                 log.info("worker_models_updated", worker_id=worker.id, models=len(models))
+            case StatusUpdate(status=status):
+                _set_status(worker, status, scheduler)
+                state.worker_status_changed()
             case Heartbeat():
                 state.changed()
             case None:
                 pass
             case _:
                 link.ignored += 1
+
+
+def _set_status(worker: WorkerHandle, status: str, scheduler: Scheduler) -> None:
+    if status == STATUS_DRAINING:
+        scheduler.pool.set_status(worker, draining=True)
+    elif status == STATUS_NOT_READY:
+        scheduler.pool.set_status(worker, ready=False)
+    elif status == STATUS_READY:
+        scheduler.pool.set_status(worker, draining=False, ready=True)
+        scheduler.dispatch()
+    else:
+        return
+    log.info("worker_status_changed", worker_id=worker.id, status=status)
 
 
 async def evict_silent_workers(app: web.Application) -> AsyncIterator[None]:
