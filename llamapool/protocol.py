@@ -150,6 +150,9 @@ class ProxyRequest:
     body_len: int = 0
     #: With flow control: response bytes the worker may send before it gets more credit.
     window: int = 0
+    #: Set when the server chose this worker through a model alias: the model the worker's
+    #: backend knows, to put in the body in place of the one the client asked for.
+    model: str = ""
 
 
 @attrs.frozen
@@ -257,7 +260,7 @@ def encode(message: Message) -> str:
     if isinstance(message, ResponseEnd) and message.error is None:
         del data["error"]  # Go omits an empty error
     if isinstance(message, ProxyRequest):  # extension fields stay off the wire when unused
-        for extension in ("body_len", "window"):
+        for extension in ("body_len", "window", "model"):
             if not data[extension]:
                 del data[extension]
     data["type"] = message.TYPE

@@ -8,45 +8,63 @@ import ipaddress
 import json
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import attrs
 import structlog
 from aiohttp import web
 
 from llamapool.backends.demo import DEMO_MODELS, DemoBackend
 from llamapool.config import ServeConfig, WorkConfig
 from llamapool.plugin_api import BackendSettings
-from llamapool.server.app import create_app
+from llamapool.server.app import create_app, create_metrics_app
+from llamapool.server.appkeys import STATE
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
+from llamapool.worker.status import serving_status
 
 log = structlog.get_logger("llamapool")
 
 
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):  # Windows
-            loop.add_signal_handler(sig, stop.set)
+    _on_signals(stop.set)
     return stop
 
 
 @contextlib.asynccontextmanager
 async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
-    """Serve ``cfg`` and yield the URL a client on this machine can use."""
-    runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)
+    """Serve ``cfg`` and yield the URL a client on this machine can use.
+
+    On exit the listener closes first, then requests in flight get ``drain_timeout`` to
+    finish, then worker connections are closed (see the app's ``on_shutdown``).
+    """
+    app = create_app(cfg)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     try:
         await web.TCPSite(runner, cfg.host, cfg.port).start()
-        port = runner.addresses[0][1]
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "", "::") else cfg.host
-        url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-        log.info("server_listening", url=url, host=cfg.host, port=port, ws_path=cfg.ws_path)
+        url = _url(cfg.host, runner.addresses[0][1])
+        log.info("server_listening", url=url, ws_path=cfg.ws_path)
+        if cfg.metrics_port is not None:
+            metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, cfg.host, cfg.metrics_port).start()
+            port = metrics_runner.addresses[0][1]
+            log.info("metrics_listening", url=_url(cfg.host, port) + "/metrics")
         _warn_if_open(cfg)
         yield url
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
+
+
+def _url(host: str, port: int) -> str:
+    """A URL for a local client: a wildcard address means this machine's loopback."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _warn_if_open(cfg: ServeConfig) -> None:
@@ -70,10 +88,40 @@ async def serve(cfg: ServeConfig) -> None:
 
 
 async def work(cfg: WorkConfig) -> None:
+    """A worker until SIGTERM or SIGINT: the first drains (finish in-flight requests within
+    ``drain_timeout``), a second stops at once."""
     backend_cls = load_backend(cfg.backend)
     backend = backend_cls(BackendSettings(url=cfg.backend_url, api_key=cfg.backend_api_key))
     agent = Agent(cfg, backend, backend_name=cfg.backend)
-    await _until_stopped(agent.run())
+    running = asyncio.ensure_future(agent.run())
+    draining: list[asyncio.Task[None]] = []
+
+    async def drain() -> None:
+        await agent.drain(cfg.drain_timeout)
+        running.cancel()
+
+    def on_signal() -> None:
+        if draining or cfg.drain_timeout == 0:
+            running.cancel()
+        else:
+            draining.append(asyncio.ensure_future(drain()))
+
+    _on_signals(on_signal)
+    async with serving_status(agent) as urls:
+        for url in urls:
+            log.info("status_listening", url=url)
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    for task in draining:
+        task.cancel()
+    log.info("worker_stopped")
+
+
+def _on_signals(callback: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows
+            loop.add_signal_handler(sig, callback)
 
 
 async def _until_stopped(main: Awaitable[None]) -> None:
@@ -92,14 +140,8 @@ async def demo(cfg: ServeConfig) -> None:
     """A server and an in-process demo worker, with keys made up if none were given."""
     api_key = cfg.api_keys[0] if cfg.api_keys else "demo-" + secrets.token_urlsafe(12)
     worker_key = cfg.worker_keys[0] if cfg.worker_keys else secrets.token_urlsafe(24)
-    cfg = ServeConfig(
-        host=cfg.host,
-        port=cfg.port,
-        api_keys=cfg.api_keys or (api_key,),
-        worker_keys=cfg.worker_keys or (worker_key,),
-        ws_path=cfg.ws_path,
-        request_timeout=cfg.request_timeout,
-        max_body_size=cfg.max_body_size,
+    cfg = attrs.evolve(
+        cfg, api_keys=cfg.api_keys or (api_key,), worker_keys=cfg.worker_keys or (worker_key,)
     )
     async with running_server(cfg) as url:
         ws_url = "ws" + url.removeprefix("http") + cfg.ws_path

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
+import structlog
 from aiohttp import web
 
 from llamapool.build import build_info
@@ -17,6 +20,8 @@ from llamapool.server.pool import Pool
 from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
 from llamapool.server.workers import evict_silent_workers, worker_socket
+
+log = structlog.get_logger("llamapool.server")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -36,7 +41,14 @@ async def to_dashboard(request: web.Request) -> web.Response:
     raise web.HTTPFound("/dashboard/")
 
 
-async def _close_worker_sockets(app: web.Application) -> None:
+async def _drain(app: web.Application) -> None:
+    """``on_shutdown``: the listener is closed; let requests in flight (and queued) finish
+    within the drain timeout, then close the worker connections cleanly."""
+    state, scheduler = app[STATE], app[SCHEDULER]
+    if state.jobs_inflight_total or len(scheduler):
+        log.info("server_draining", in_flight=state.jobs_inflight_total, queued=len(scheduler))
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(state.idle.wait(), app[CONFIG].drain_timeout)
     sockets = app[SOCKETS]
     for ws in list(sockets):
         await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
@@ -98,5 +110,5 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app.on_response_prepare.append(middleware.echo_request_id)
     app.cleanup_ctx.append(evict_silent_workers)
     app.cleanup_ctx.append(state_api.broadcast_state)
-    app.on_shutdown.append(_close_worker_sockets)
+    app.on_shutdown.append(_drain)
     return app

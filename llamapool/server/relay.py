@@ -138,6 +138,9 @@ async def _attempt(
             worker,
             body=body,
             stream=stream,
+            # An alias (llama3:8b-q4_0 served by llama3:8b): the worker puts the name its
+            # backend knows into the body. Otherwise the body goes through untouched.
+            model=served if served != model else "",
             flavor=flavor,
             deadlines=deadlines,
             trace=trace,
@@ -181,6 +184,7 @@ async def _exchange(
     *,
     body: bytes,
     stream: bool,
+    model: str,
     flavor: Flavor,
     deadlines: Deadlines,
     trace: Trace,
@@ -194,7 +198,12 @@ async def _exchange(
     if request_id:
         headers[REQUEST_ID] = str(request_id)
     outgoing = ProxyRequest(
-        request_id=wire_id, method=request.method, path=request.path, headers=headers, stream=stream
+        request_id=wire_id,
+        method=request.method,
+        path=request.path,
+        headers=headers,
+        stream=stream,
+        model=model,
     )
     try:
         try:

@@ -8,6 +8,7 @@ sees it went away rather than it silently vanishing.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -70,9 +71,16 @@ class PoolState:
         self.jobs_completed_total = 0
         self.jobs_failed_total = 0
         self.queue_len = 0
+        #: Set while no request is in flight or queued (what a draining server waits for).
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def changed(self) -> None:
         self.version += 1
+        if self.jobs_inflight_total or self.queue_len:
+            self.idle.clear()
+        else:
+            self.idle.set()
 
     # --- events ------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
-"""The worker: dial out to the server, register, heartbeat, and serve proxied requests.
+"""The worker: dial out to the server, register, heartbeat, probe the backend, serve requests.
 
-One WebSocket carries every request. Each request runs as its own task that replays it against
-the backend through one keep-alive connection pool and streams the answer back as it comes.
-A cancel from the server cancels that task, which closes the backend connection, so the backend
-stops generating.
+One WebSocket carries every request (:mod:`llamapool.worker.jobs` runs them). The worker
+reconnects forever with capped exponential backoff and jitter, and keeps probing its backend:
+while the backend is down it tells the server it cannot serve, and when the backend's models
+change it says so. On drain it stops taking requests, lets those in flight finish, then stops.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import random
 import time
-from typing import Any
 
 import aiohttp
 import structlog
@@ -21,35 +20,41 @@ from llamapool import protocol
 from llamapool.build import build_info
 from llamapool.config import WorkConfig
 from llamapool.errors import BackendError, ConfigError, ProtocolError
-from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
 from llamapool.plugin_api import Backend
 from llamapool.protocol import (
     FEATURE_BINARY_FRAMES,
     FEATURE_MODELS_UPDATE,
+    FEATURE_STATUS_UPDATE,
     FEATURES,
     FRAME_REQUEST_BODY,
     FRAME_RESPONSE_CHUNK,
     PROTOCOL_VERSION,
+    STATUS_DRAINING,
+    STATUS_NOT_READY,
+    STATUS_READY,
     Cancel,
+    Credit,
     Heartbeat,
+    Message,
     ModelsUpdate,
     ProxyRequest,
     Register,
     Registered,
     ResponseChunk,
     ResponseEnd,
-    ResponseHeaders,
+    StatusUpdate,
     WireError,
 )
+from llamapool.worker.jobs import Jobs
+from llamapool.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("llamapool.worker")
 
-#: Request headers the worker never passes on: the client's side of the server, plus
-#: Accept-Encoding, because the worker asks its backend for identity-encoded bytes.
-_NOT_TO_BACKEND = CLIENT_ONLY | {"accept-encoding"}
 _CLOSE_POLICY = 1008
 _MAX_MESSAGE = 64 * 1024 * 1024
 _CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+#: A connection that lasted this long resets the reconnect backoff.
+_STABLE = 30.0
 
 
 class Agent:
@@ -59,12 +64,19 @@ class Agent:
         self.cfg = cfg
         self.backend = backend
         self.backend_name = backend_name or type(backend).__name__
+        self.build = build_info()
+        self.metrics = WorkerMetrics(self.build, max_concurrency=cfg.max_concurrency)
+        self.jobs = Jobs(backend, lambda: self.http, self.metrics)
         self.models: list[str] = []
+        self.backend_up = False
+        self.draining = False
+        self.last_error = ""
+        self.last_heartbeat: float | None = None
         #: Set while connected to a llamapool-py server that confirmed the registration.
         self.registered = asyncio.Event()
+        self.connected = False
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._features: frozenset[str] = frozenset()
-        self._jobs: dict[str, asyncio.Task[None]] = {}
         self._awaiting_body: dict[str, ProxyRequest] = {}
         self._http: aiohttp.ClientSession | None = None
 
@@ -75,14 +87,25 @@ class Agent:
             raise RuntimeError("the agent is not running")
         return self._http
 
+    @property
+    def state(self) -> str:
+        """One word for ``/status``: draining, connected, not_ready, or connecting."""
+        if self.draining:
+            return "draining"
+        if not self.connected:
+            return "connecting"
+        return "connected" if self.backend_up else "not_ready"
+
     async def run(self) -> None:
-        """Serve until cancelled, reconnecting with capped exponential backoff and jitter."""
+        """Serve until cancelled (or drained), reconnecting with backoff and jitter."""
         await self.backend.start()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         self._http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
         )
+        probe = asyncio.create_task(self._probe_forever())
         try:
+            await self.probe()
             async with aiohttp.ClientSession() as server_http:
                 attempt = 0
                 while True:
@@ -90,33 +113,64 @@ class Agent:
                     try:
                         await self._connection(server_http)
                     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                        self.last_error = f"server unreachable: {exc}"
                         log.warning("server_unreachable", url=self.cfg.server_url, error=str(exc))
-                    if time.monotonic() - started > 30:
+                    if self._drained():
+                        break
+                    if time.monotonic() - started > _STABLE:
                         attempt = 0
                     delay = min(self.cfg.reconnect_max, 0.5 * 2**attempt)
                     attempt += 1
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         finally:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+            await self.jobs.cancel_all()
             await self._http.close()
             self._http = None
             await self.backend.close()
 
+    def _drained(self) -> bool:
+        return self.draining
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests, let those in flight finish, then disconnect.
+
+        ``timeout`` 0 stops at once, -1 waits as long as it takes. Returns whether every
+        request finished.
+        """
+        self.draining = True
+        log.info("worker_draining", jobs=len(self.jobs), timeout=timeout)
+        await self._send_status()
+        finished = await self.jobs.wait_idle(None if timeout < 0 else timeout)
+        if not finished:
+            log.warning("drain_timeout", jobs=len(self.jobs))
+        ws = self._ws
+        if ws is not None:
+            await ws.close(code=1001, message=b"worker draining")
+        return finished
+
+    # --- the server connection ----------------------------------------------------------------
+
     async def _connection(self, server_http: aiohttp.ClientSession) -> None:
-        self.models = await self._list_models()
         async with server_http.ws_connect(
             self.cfg.server_url, max_msg_size=_MAX_MESSAGE, autoping=True
         ) as ws:
-            self._ws = ws
-            self._features = frozenset()
+            self._ws, self._features = ws, frozenset()
             await ws.send_str(protocol.encode(self._register()))
             heartbeat = asyncio.create_task(self._heartbeats(ws))
+            self.connected = True
+            self.metrics.connected_to_server.set(1)
             log.info("worker_connected", url=self.cfg.server_url, models=len(self.models))
             try:
                 reason = await self._receive(ws)
             finally:
+                self.connected = False
+                self.metrics.connected_to_server.set(0)
                 self.registered.clear()
                 heartbeat.cancel()
-                await self._cancel_jobs()
+                await self.jobs.cancel_all()
+                self._awaiting_body.clear()
                 self._ws = None
             if ws.close_code == _CLOSE_POLICY:
                 raise ConfigError(
@@ -125,44 +179,27 @@ class Agent:
             log.warning("server_disconnected", code=ws.close_code, reason=reason)
 
     def _register(self) -> Register:
-        info = build_info()
         return Register(
             worker_id=self.cfg.worker_id,
             worker_name=self.cfg.worker_name,
             worker_key=self.cfg.worker_key,
             models=self.models,
             max_concurrency=self.cfg.max_concurrency,
-            version=info.version,
-            build_sha=info.sha,
-            build_date=info.date,
+            version=self.build.version,
+            build_sha=self.build.sha,
+            build_date=self.build.date,
             backend=self.backend_name,
             protocol=PROTOCOL_VERSION,
             features=list(FEATURES),
             paths=sorted(self.backend.paths),
         )
 
-    async def _list_models(self) -> list[str]:
-        try:
-            return sorted(set(await self.backend.list_models(self.http)))
-        except BackendError as exc:
-            log.error("backend_unreachable", backend=self.backend_name, error=str(exc))
-            return []
-
-    async def refresh_models(self) -> bool:
-        """Re-read the backend's models; tell the server if they changed and it listens."""
-        models = await self._list_models()
-        if models == self.models:
-            return False
-        self.models = models
-        if self._ws is not None and FEATURE_MODELS_UPDATE in self._features:
-            await self._send(ModelsUpdate(models))
-        return True
-
     async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             while not ws.closed:
-                await asyncio.sleep(self.cfg.heartbeat_interval)
                 await ws.send_str(protocol.encode(Heartbeat(ts=int(time.time()))))
+                self.last_heartbeat = time.time()
+                await asyncio.sleep(self.cfg.heartbeat_interval)
 
     async def _receive(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> str:
         """Handle server messages until the socket closes; returns the close reason."""
@@ -171,7 +208,7 @@ class Agent:
             if msg.type in _CLOSED:
                 return str(msg.extra or "") if msg.type == aiohttp.WSMsgType.CLOSE else ""
             if msg.type == aiohttp.WSMsgType.BINARY:
-                self._on_frame(msg.data)
+                await self._on_frame(msg.data)
                 continue
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
@@ -184,20 +221,21 @@ class Agent:
                 case ProxyRequest(body_len=n) if n and FEATURE_BINARY_FRAMES in self._features:
                     self._awaiting_body[message.request_id] = message
                 case ProxyRequest():
-                    self._start(message, message.body)
+                    await self._start(message, message.body)
+                case Credit(request_id=request_id, bytes=amount):
+                    self.jobs.grant(request_id, amount)
                 case Cancel(request_id=request_id):
                     self._awaiting_body.pop(request_id, None)
-                    job = self._jobs.get(request_id)
-                    if job is not None:
-                        job.cancel()
+                    self.jobs.cancel(request_id)
                 case Registered(features=features):
                     self._features = frozenset(features) & frozenset(FEATURES)
                     log.info("worker_registered", features=sorted(self._features))
+                    await self._send_status()
                     self.registered.set()
                 case _:
                     pass
 
-    def _on_frame(self, frame: bytes) -> None:
+    async def _on_frame(self, frame: bytes) -> None:
         try:
             kind, request_id, payload = protocol.unpack_frame(frame)
         except ProtocolError as exc:
@@ -205,62 +243,77 @@ class Agent:
             return
         request = self._awaiting_body.pop(request_id, None)
         if kind == FRAME_REQUEST_BODY and request is not None:
-            self._start(request, bytes(payload))
+            await self._start(request, bytes(payload))
 
-    def _start(self, request: ProxyRequest, body: bytes) -> None:
-        task = asyncio.create_task(self._serve(request, body))
-        self._jobs[request.request_id] = task
-        task.add_done_callback(lambda _: self._jobs.pop(request.request_id, None))
-
-    async def _serve(self, request: ProxyRequest, body: bytes) -> None:
-        """Replay one request against the backend and stream the answer back."""
-        rid = request.request_id
-        if request.path not in self.backend.paths:
-            await self._fail(rid, "unsupported_path", f"backend cannot serve {request.path}")
+    async def _start(self, request: ProxyRequest, body: bytes) -> None:
+        if self.draining:  # the server stops routing here at once; this one crossed it
+            error = WireError(code="draining", message="the worker is draining")
+            await self.send(ResponseEnd(request.request_id, error))
             return
-        headers = forwardable(request.headers.items(), _NOT_TO_BACKEND)
-        headers.update(self.backend.auth_headers())
-        headers["Accept-Encoding"] = "identity"
-        try:
-            url = self.backend.upstream_url(request.path)
-            async with self.http.request(request.method, url, data=body, headers=headers) as resp:
-                await self._send(
-                    ResponseHeaders(rid, resp.status, forwardable(resp.headers.items(), RECOMPUTED))
-                )
-                async for chunk in resp.content.iter_any():
-                    await self._send_chunk(rid, chunk)
-        except (aiohttp.ClientError, TimeoutError, BackendError) as exc:
-            log.warning("backend_request_failed", path=request.path, error=str(exc))
-            await self._fail(rid, "backend_error", str(exc) or type(exc).__name__)
-            return
-        except Exception as exc:  # never leave the server waiting on a request
-            log.exception("backend_request_crashed", path=request.path)
-            await self._fail(rid, "worker_error", f"{type(exc).__name__}: {exc}")
-            return
-        await self._send(ResponseEnd(rid))
+        self.jobs.start(request, body, self)
 
-    async def _fail(self, request_id: str, code: str, message: str) -> None:
-        await self._send(ResponseEnd(request_id, WireError(code=code, message=message)))
+    # --- Outbox: what jobs send -------------------------------------------------------------
 
-    async def _send_chunk(self, request_id: str, chunk: bytes) -> None:
-        ws = self._ws
-        if ws is None:  # the connection is gone; _cancel_jobs is about to stop this job
-            return
-        if FEATURE_BINARY_FRAMES in self._features:
-            await ws.send_bytes(protocol.pack_frame(FRAME_RESPONSE_CHUNK, request_id, chunk))
-        else:
-            await ws.send_str(protocol.encode(ResponseChunk(request_id, chunk)))
-
-    async def _send(self, message: Any) -> None:
+    async def send(self, message: Message) -> None:
         ws = self._ws
         if ws is None or ws.closed:
             return
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_str(protocol.encode(message))
 
-    async def _cancel_jobs(self) -> None:
-        jobs = list(self._jobs.values())
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        self._awaiting_body.clear()
+    async def send_chunk(self, request_id: str, chunk: bytes) -> None:
+        ws = self._ws
+        if ws is None:  # the connection is gone; cancel_all is about to stop this job
+            return
+        if FEATURE_BINARY_FRAMES in self._features:
+            await ws.send_bytes(protocol.pack_frame(FRAME_RESPONSE_CHUNK, request_id, chunk))
+        else:
+            await ws.send_str(protocol.encode(ResponseChunk(request_id, chunk)))
+
+    # --- the backend --------------------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """Check the backend; tell the server when its health or its models changed."""
+        try:
+            models = sorted(set(await self.backend.list_models(self.http)))
+        except BackendError as exc:
+            if self.backend_up or not self.last_error.startswith("backend"):
+                log.error("backend_unreachable", backend=self.backend_name, error=str(exc))
+            self.last_error = f"backend: {exc}"
+            self._set_backend(up=False)
+            await self._send_status()
+            return
+        was_up = self.backend_up
+        self._set_backend(up=True)
+        if models != self.models:
+            self.models = models
+            log.info("backend_models_changed", models=len(models))
+            if self._ws is not None:
+                await self._announce_models()
+        if not was_up:
+            log.info("backend_up", backend=self.backend_name, models=len(models))
+            await self._send_status()
+
+    def _set_backend(self, *, up: bool) -> None:
+        self.backend_up = up
+        self.metrics.set_backend_up(up)
+
+    async def _announce_models(self) -> None:
+        if FEATURE_MODELS_UPDATE in self._features:
+            await self.send(ModelsUpdate(self.models))
+        elif self._ws is not None:  # a Go server learns models only at register: re-register
+            await self._ws.close(code=1000, message=b"models changed")
+
+    async def _send_status(self) -> None:
+        if FEATURE_STATUS_UPDATE not in self._features:
+            return
+        if self.draining:
+            status = STATUS_DRAINING
+        else:
+            status = STATUS_READY if self.backend_up else STATUS_NOT_READY
+        await self.send(StatusUpdate(status))
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.probe_interval)
+            await self.probe()

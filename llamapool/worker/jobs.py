@@ -1,0 +1,182 @@
+"""The requests a worker is serving: each one replayed against the backend in its own task.
+
+A job streams the backend's answer back as it comes. With flow control, it sends no more than
+the server has granted, so a slow client slows its own backend read (through TCP) instead of
+filling the server's memory. Cancelling the task closes the backend connection, so the
+backend stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import aiohttp
+import attrs
+import orjson
+import structlog
+
+from llamapool.errors import BackendError
+from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
+from llamapool.plugin_api import Backend
+from llamapool.protocol import Message, ProxyRequest, ResponseEnd, ResponseHeaders, WireError
+from llamapool.worker.metrics import WorkerMetrics
+
+log = structlog.get_logger("llamapool.worker")
+
+#: Request headers the worker never passes on: the client's side of the server, plus
+#: Accept-Encoding, because the worker asks its backend for identity-encoded bytes.
+_NOT_TO_BACKEND = CLIENT_ONLY | {"accept-encoding"}
+
+
+class Outbox(Protocol):
+    """Where a job's messages go: the current server connection."""
+
+    async def send(self, message: Message) -> None: ...
+
+    async def send_chunk(self, request_id: str, chunk: bytes) -> None: ...
+
+
+@attrs.define(eq=False)
+class Job:
+    """One request in progress and its send credit (``window`` 0: unlimited)."""
+
+    request: ProxyRequest
+    credit: int
+    started: float = attrs.field(factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    _more: asyncio.Event = attrs.field(factory=asyncio.Event)
+
+    def grant(self, amount: int) -> None:
+        self.credit += amount
+        self._more.set()
+
+    async def spend(self, amount: int) -> None:
+        """Wait until there is credit, then take ``amount`` (a chunk may overshoot it)."""
+        if not self.request.window:
+            return
+        while self.credit <= 0:
+            self._more.clear()
+            await self._more.wait()
+        self.credit -= amount
+
+
+class Jobs:
+    """Every request the worker is serving, and the counters of those it served."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        http: Callable[[], aiohttp.ClientSession],
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.backend = backend
+        self._http = http
+        self.metrics = metrics
+        self.running: dict[str, Job] = {}
+        self.last_error = ""
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def start(self, request: ProxyRequest, body: bytes, outbox: Outbox) -> None:
+        job = Job(request, credit=request.window)
+        job.task = asyncio.create_task(self._run(job, body, outbox))
+        self.running[request.request_id] = job
+        self._idle.clear()
+        self.metrics.jobs_started.inc()
+        self.metrics.current_jobs.set(len(self.running))
+
+    def cancel(self, request_id: str) -> None:
+        job = self.running.get(request_id)
+        if job is not None and job.task is not None:
+            job.task.cancel()
+
+    def grant(self, request_id: str, amount: int) -> None:
+        job = self.running.get(request_id)
+        if job is not None:
+            job.grant(amount)
+
+    async def cancel_all(self) -> None:
+        tasks = [j.task for j in self.running.values() if j.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no job runs; ``False`` if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _run(self, job: Job, body: bytes, outbox: Outbox) -> None:
+        request = job.request
+        outcome = "failed"
+        try:
+            outcome = await self._relay(job, body, outbox)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.running.pop(request.request_id, None)
+            m = self.metrics
+            m.current_jobs.set(len(self.running))
+            m.job_duration.observe(time.monotonic() - job.started)
+            {"succeeded": m.jobs_succeeded, "failed": m.jobs_failed}.get(
+                outcome, m.jobs_cancelled
+            ).inc()
+            if not self.running:
+                self._idle.set()
+
+    async def _relay(self, job: Job, body: bytes, outbox: Outbox) -> str:
+        """Replay one request against the backend; returns how it went."""
+        request, rid = job.request, job.request.request_id
+        if request.path not in self.backend.paths:
+            return await self._fail(outbox, rid, "unsupported_path", f"cannot serve {request.path}")
+        headers = forwardable(request.headers.items(), _NOT_TO_BACKEND)
+        headers.update(self.backend.auth_headers())
+        headers["Accept-Encoding"] = "identity"
+        if request.model and body:
+            body = _with_model(body, request.model)
+        try:
+            url = self.backend.upstream_url(request.path)
+            async with self._http().request(request.method, url, data=body, headers=headers) as r:
+                status = r.status
+                await outbox.send(
+                    ResponseHeaders(rid, status, forwardable(r.headers.items(), RECOMPUTED))
+                )
+                async for chunk in r.content.iter_any():
+                    await job.spend(len(chunk))
+                    await outbox.send_chunk(rid, chunk)
+        except (aiohttp.ClientError, TimeoutError, BackendError) as exc:
+            message = str(exc) or type(exc).__name__
+            log.warning("backend_request_failed", path=request.path, error=message)
+            return await self._fail(outbox, rid, "backend_error", message)
+        except Exception as exc:  # never leave the server waiting on a request
+            log.exception("backend_request_crashed", path=request.path)
+            return await self._fail(outbox, rid, "worker_error", f"{type(exc).__name__}: {exc}")
+        await outbox.send(ResponseEnd(rid))
+        return "failed" if status >= 500 else "succeeded"
+
+    async def _fail(self, outbox: Outbox, request_id: str, code: str, message: str) -> str:
+        self.last_error = message
+        await outbox.send(ResponseEnd(request_id, WireError(code=code, message=message)))
+        return "failed"
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """The body asking for ``model``: the server chose this worker through an alias."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(data, dict) or data.get("model") == model:
+        return body
+    data["model"] = model
+    return orjson.dumps(data)
