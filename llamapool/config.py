@@ -42,7 +42,7 @@ class ServeConfig:
     #: Seconds of silence after which a worker is evicted (Go: 15 s).
     worker_timeout: float = 15.0
     #: Seconds a new worker connection has to send its register message.
-    register_timeout: float = 10.0
+    register_timeout: float = 5.0
     #: Seconds a stream may go without a byte from its worker before it is ended.
     idle_timeout: float = 120.0
     #: Requests that may wait per model when every worker serving it is busy (0: none wait).
@@ -55,6 +55,22 @@ class ServeConfig:
     max_attempts: int = 3
     #: Seconds a departed worker stays listed as ``gone`` in the state API.
     gone_retention: float = 300.0
+    #: PEM certificate chain and private key: serve HTTPS and WSS on the same port.
+    tls_cert: str = ""
+    tls_key: str = attrs.field(default="")
+    #: Whether ``/metrics`` needs the API key too (it is open by default, as in Go).
+    metrics_require_key: bool = False
+    #: Client HTTP requests handled at once; more are answered 503.
+    max_connections: int = 1024
+    #: Worker connections at once; more are refused.
+    max_workers: int = 1024
+    #: Models one worker may advertise.
+    max_models_per_worker: int = 1000
+
+    @tls_key.validator
+    def _check_tls(self, _: attrs.Attribute[str], value: str) -> None:
+        if bool(value) != bool(self.tls_cert):
+            raise ConfigError("TLS needs both TLS_CERT and TLS_KEY")
 
     @ws_path.validator
     def _check_ws_path(self, _: attrs.Attribute[str], value: str) -> None:
@@ -90,6 +106,10 @@ class WorkConfig:
     status_addr: str = ""
     #: ``host:port`` of the worker's Prometheus endpoint; empty: off.
     metrics_addr: str = ""
+    #: PEM file of the CA(s) that signed the server's certificate (default: the system store).
+    ca_file: str = ""
+    #: Skip verifying the server's certificate (wss:// to a self-signed test server only).
+    tls_insecure: bool = False
 
     @server_url.validator
     def _check_url(self, _: attrs.Attribute[str], value: str) -> None:

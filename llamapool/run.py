@@ -19,6 +19,7 @@ from llamapool.config import ServeConfig, WorkConfig
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import create_app, create_metrics_app
 from llamapool.server.appkeys import STATE
+from llamapool.tls import server_context
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
 from llamapool.worker.status import serving_status
@@ -43,16 +44,19 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
+    tls = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port).start()
-        url = _url(cfg.host, runner.addresses[0][1])
+        await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls).start()
+        url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
         log.info("server_listening", url=url, ws_path=cfg.ws_path)
         if cfg.metrics_port is not None:
             metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
             await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, cfg.host, cfg.metrics_port).start()
+            await web.TCPSite(metrics_runner, cfg.host, cfg.metrics_port, ssl_context=tls).start()
             port = metrics_runner.addresses[0][1]
-            log.info("metrics_listening", url=_url(cfg.host, port) + "/metrics")
+            log.info(
+                "metrics_listening", url=_url(cfg.host, port, tls=tls is not None) + "/metrics"
+            )
         _warn_if_open(cfg)
         yield url
     finally:
@@ -61,10 +65,11 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _url(host: str, port: int) -> str:
+def _url(host: str, port: int, *, tls: bool) -> str:
     """A URL for a local client: a wildcard address means this machine's loopback."""
     host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _warn_if_open(cfg: ServeConfig) -> None:
@@ -145,7 +150,12 @@ async def demo(cfg: ServeConfig) -> None:
     )
     async with running_server(cfg) as url:
         ws_url = "ws" + url.removeprefix("http") + cfg.ws_path
-        work_cfg = WorkConfig(server_url=ws_url, worker_key=worker_key, worker_name="demo-worker")
+        work_cfg = WorkConfig(
+            server_url=ws_url,
+            worker_key=worker_key,
+            worker_name="demo-worker",
+            tls_insecure=bool(cfg.tls_cert),  # its own certificate, on loopback
+        )
         agent = Agent(work_cfg, DemoBackend(BackendSettings(url="")), backend_name="demo")
         worker = asyncio.create_task(agent.run())
         try:

@@ -12,7 +12,7 @@ from aiohttp import web
 from llamapool.build import build_info
 from llamapool.config import ServeConfig
 from llamapool.server import middleware, ollama, openai, state_api
-from llamapool.server.appkeys import CONFIG, POOL, SCHEDULER, SOCKETS, STATE
+from llamapool.server.appkeys import ACTIVE_REQUESTS, CONFIG, POOL, SCHEDULER, SOCKETS, STATE
 from llamapool.server.http_errors import json_response
 from llamapool.server.link import CLOSE_GOING_AWAY
 from llamapool.server.metrics import ServerMetrics
@@ -66,7 +66,12 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     """The server: HTTP API, worker socket, state, metrics (unless on their own port)."""
     app = web.Application(
         client_max_size=cfg.max_body_size,
-        middlewares=[middleware.request_ids, middleware.json_errors, middleware.client_auth],
+        middlewares=[
+            middleware.request_ids,
+            middleware.json_errors,
+            middleware.connection_limit,
+            middleware.client_auth,
+        ],
     )
     app[CONFIG] = cfg
     app[POOL] = pool = pool if pool is not None else Pool()
@@ -81,6 +86,7 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         on_change=state.queue_changed,
     )
     app[SOCKETS] = set()
+    app[ACTIVE_REQUESTS] = [0]
     app.add_routes(
         [
             web.get("/healthz", healthz),

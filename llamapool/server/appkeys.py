@@ -14,3 +14,5 @@ POOL = web.AppKey("pool", Pool)
 SOCKETS: web.AppKey[set[web.WebSocketResponse[bool]]] = web.AppKey("sockets")
 STATE = web.AppKey("state", PoolState)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+#: Client requests being handled now (a one-element list: a mutable counter).
+ACTIVE_REQUESTS: web.AppKey[list[int]] = web.AppKey("active_requests")

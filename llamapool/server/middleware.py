@@ -8,7 +8,7 @@ import uuid
 import structlog
 from aiohttp import web
 
-from llamapool.server.appkeys import CONFIG, STATE
+from llamapool.server.appkeys import ACTIVE_REQUESTS, CONFIG, STATE
 from llamapool.server.http_errors import error_response, flavor_for
 from llamapool.server.relay import REQUEST_ID, Handler
 from llamapool.server.workers import key_matches
@@ -18,6 +18,32 @@ log = structlog.get_logger("llamapool.server")
 _VALID_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 #: Routes under these prefixes need ``Authorization: Bearer <API_KEY>`` when keys are set.
 PROTECTED = ("/v1/", "/api/")
+
+
+@web.middleware
+async def connection_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """At most ``max_connections`` client requests at once; past that, a quick 503.
+
+    Worker sockets are long-lived and bounded on their own (``max_workers``).
+    """
+    cfg = request.app[CONFIG]
+    if request.path == cfg.ws_path:
+        return await handler(request)  # type: ignore[no-any-return]
+    active = request.app[ACTIVE_REQUESTS]
+    if active[0] >= cfg.max_connections:
+        request.app[STATE].rejected("overloaded")
+        return error_response(
+            flavor_for(request.path),
+            503,
+            "the server is handling too many requests; retry shortly",
+            code="overloaded",
+            headers={"Retry-After": "1"},
+        )
+    active[0] += 1
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    finally:
+        active[0] -= 1
 
 
 @web.middleware
@@ -62,8 +88,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 @web.middleware
 async def client_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Check the API key on the API routes; ``/healthz`` and the worker socket stay open."""
-    keys = request.app[CONFIG].api_keys
-    if keys and request.path.startswith(PROTECTED):
+    cfg = request.app[CONFIG]
+    keys = cfg.api_keys
+    protected = request.path.startswith(PROTECTED) or (
+        cfg.metrics_require_key and request.path == "/metrics"
+    )
+    if keys and protected:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
             request.app[STATE].rejected("unauthorized")

@@ -218,6 +218,9 @@ async def _exchange(
         except TimeoutError:
             trace.status, trace.error = 504, "the worker did not answer in time"
             return error_response(flavor, 504, trace.error, code="timeout")
+        if isinstance(first, ResponseHeaders) and not 200 <= first.status <= 599:
+            trace.status, trace.error = 502, f"the worker sent an invalid status {first.status}"
+            return error_response(flavor, 502, trace.error, code="worker_error")
         if not isinstance(first, ResponseHeaders):
             trace.error = failure(first)
             if isinstance(first, Ended) and first.error is None:

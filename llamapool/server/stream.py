@@ -24,6 +24,7 @@ from llamapool.server.http_errors import error_response, flavor_for
 from llamapool.server.pool import Link
 from llamapool.server.state import CANCELLED, ERROR, SUCCESS
 from llamapool.server.usage import Usage, UsageScanner
+from llamapool.server.validate import check_headers
 
 log = structlog.get_logger("llamapool.server")
 
@@ -67,9 +68,8 @@ async def stream_back(
 ) -> web.StreamResponse:
     """Send the worker's status and headers, then each chunk the moment it arrives."""
     trace.status, trace.first_byte = first.status, time.monotonic()
-    response = web.StreamResponse(
-        status=first.status, headers=forwardable(first.headers.items(), RECOMPUTED)
-    )
+    headers = forwardable(check_headers(first.headers).items(), RECOMPUTED)
+    response = web.StreamResponse(status=first.status, headers=headers)
     scanner = UsageScanner()
     consumed = 0
     written = False

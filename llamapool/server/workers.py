@@ -34,11 +34,14 @@ from llamapool.server.link import CLOSE_POLICY, WorkerLink
 from llamapool.server.pool import WorkerHandle
 from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
+from llamapool.server.validate import MAX_REGISTER_BYTES, Invalid, check_models, check_register
 
 log = structlog.get_logger("llamapool.server")
 
 #: Room for protocol overhead on top of the largest body a frame may carry.
 _FRAME_SLACK = 1024 * 1024
+#: Malformed or misaddressed messages tolerated on one connection before it is closed.
+MAX_IGNORED = 100
 
 
 def key_matches(given: str, keys: tuple[str, ...]) -> bool:
@@ -53,14 +56,23 @@ def key_matches(given: str, keys: tuple[str, ...]) -> bool:
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     """``GET {WS_PATH}``: one worker's connection for as long as it stays."""
     cfg = request.app[CONFIG]
+    if len(request.app[SOCKETS]) >= cfg.max_workers:
+        log.warning("worker_rejected", reason="too_many_workers")
+        raise web.HTTPServiceUnavailable(text="too many workers are connected")
     ws = web.WebSocketResponse(max_msg_size=cfg.max_body_size + _FRAME_SLACK)
     await ws.prepare(request)
     register = await _receive_register(ws, cfg.register_timeout)
     if register is None:
         return ws
     if cfg.worker_keys and not key_matches(register.key, cfg.worker_keys):
-        log.warning("worker_rejected", reason="bad_worker_key", worker_name=register.worker_name)
+        log.warning("worker_rejected", reason="bad_worker_key")
         await ws.close(code=CLOSE_POLICY, message=b"unauthorized")
+        return ws
+    try:
+        register = check_register(register, max_models=cfg.max_models_per_worker)
+    except Invalid as exc:
+        log.warning("worker_rejected", reason=str(exc))
+        await ws.close(code=CLOSE_POLICY, message=str(exc).encode()[:120])
         return ws
 
     features = sorted(set(register.features) & set(FEATURES))
@@ -102,7 +114,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         features=features,
     )
     try:
-        await _serve(ws, worker, link, scheduler, state)
+        await _serve(ws, worker, link, scheduler, state, max_models=cfg.max_models_per_worker)
     finally:
         sockets.discard(ws)
         pool.remove(worker)
@@ -122,7 +134,9 @@ async def _receive_register(ws: web.WebSocketResponse, timeout: float) -> Regist
         reason = "no register message in time"
     else:
         reason = "first message must be a register message"
-        if msg.type == WSMsgType.TEXT:
+        if msg.type == WSMsgType.TEXT and len(msg.data) > MAX_REGISTER_BYTES:
+            reason = "register message too large"
+        elif msg.type == WSMsgType.TEXT:
             try:
                 message = protocol.decode(msg.data)
             except ProtocolError as exc:
@@ -143,9 +157,17 @@ async def _serve(
     link: WorkerLink,
     scheduler: Scheduler,
     state: PoolState,
+    *,
+    max_models: int,
 ) -> None:
     pool = scheduler.pool
     async for msg in ws:
+        if link.ignored > MAX_IGNORED:
+            log.warning(
+                "worker_disconnected_for_garbage", worker_id=worker.id, ignored=link.ignored
+            )
+            await ws.close(code=CLOSE_POLICY, message=b"too many invalid messages")
+            break
         worker.last_heartbeat = time.monotonic()  # any message proves the worker alive
         if msg.type == WSMsgType.BINARY:
             try:
@@ -165,6 +187,12 @@ async def _serve(
             case ResponseHeaders() | ResponseChunk() | ResponseEnd():
                 link.dispatch(message)
             case ModelsUpdate(models=models):
+                try:
+                    models = check_models(models, max_models=max_models)
+                except Invalid as exc:
+                    link.ignored += 1
+                    log.warning("worker_models_rejected", worker_id=worker.id, reason=str(exc))
+                    continue
                 pool.set_models(worker, models)
                 state.changed()
                 scheduler.dispatch()

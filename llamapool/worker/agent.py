@@ -45,6 +45,7 @@ from llamapool.protocol import (
     StatusUpdate,
     WireError,
 )
+from llamapool.tls import client_context
 from llamapool.worker.jobs import Jobs
 from llamapool.worker.metrics import WorkerMetrics
 
@@ -79,6 +80,7 @@ class Agent:
         self._features: frozenset[str] = frozenset()
         self._awaiting_body: dict[str, ProxyRequest] = {}
         self._http: aiohttp.ClientSession | None = None
+        self._tls = client_context(ca_file=cfg.ca_file, insecure=cfg.tls_insecure)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -153,8 +155,10 @@ class Agent:
     # --- the server connection ----------------------------------------------------------------
 
     async def _connection(self, server_http: aiohttp.ClientSession) -> None:
+        if self.cfg.tls_insecure and self.cfg.server_url.startswith(("wss:", "https:")):
+            log.warning("tls_verification_disabled", url=self.cfg.server_url)
         async with server_http.ws_connect(
-            self.cfg.server_url, max_msg_size=_MAX_MESSAGE, autoping=True
+            self.cfg.server_url, max_msg_size=_MAX_MESSAGE, autoping=True, ssl=self._tls
         ) as ws:
             self._ws, self._features = ws, frozenset()
             await ws.send_str(protocol.encode(self._register()))

@@ -99,7 +99,10 @@
   // --- formatting ----------------------------------------------------------------------------
 
   const integer = new Intl.NumberFormat();
-  const compact = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+  const compact = new Intl.NumberFormat(undefined, {
+    notation: "compact",
+    maximumFractionDigits: 1,
+  });
 
   const fmtInt = (n) => integer.format(Number(n) || 0);
   const fmtCompact = (n) => compact.format(Number(n) || 0);
@@ -173,12 +176,13 @@
   function createWorkerRow(id) {
     const tr = el("tr");
     tr.dataset.workerId = id;
-    const cells = {};
+    const cells = {}; // the content box of each cell: one element, so narrow layouts stay tidy
     for (const [name, label] of WORKER_COLUMNS) {
       const td = el("td", NUMERIC.has(name) ? "num" : "");
       td.dataset.field = name;
       td.dataset.label = label;
-      cells[name] = td;
+      cells[name] = el("span", "cell");
+      td.append(cells[name]);
       tr.append(td);
     }
     const parts = {
@@ -190,14 +194,16 @@
       fill: el("span", "bar-fill"),
       tokensIn: el("span"),
       tokensOut: el("span"),
+      error: el("span", "error-text"),
       modelsKey: null,
     };
     cells.name.append(parts.name, parts.id);
     cells.status.append(parts.badge);
     parts.bar.append(parts.fill);
-    cells.load.append(el("span", "load", undefined));
-    cells.load.firstChild.append(parts.loadText, parts.bar);
+    cells.load.classList.add("load");
+    cells.load.append(parts.loadText, parts.bar);
     cells.tokens.append(parts.tokensIn, el("span", "sep", " / "), parts.tokensOut);
+    cells["last-error"].append(parts.error);
     return { tr, cells, parts, heartbeat: "" };
   }
 
@@ -224,9 +230,8 @@
     const modelsKey = JSON.stringify(models);
     if (parts.modelsKey !== modelsKey) {
       parts.modelsKey = modelsKey;
-      cells.models.replaceChildren(
-        ...(models.length ? models.map((m) => el("span", "chip", m)) : [el("span", "muted", "none")]),
-      );
+      const chips = models.map((m) => el("span", "chip", m));
+      cells.models.replaceChildren(...(chips.length ? chips : [el("span", "muted", "none")]));
     }
 
     setText(cells.processed, fmtInt(w.processed_total));
@@ -239,14 +244,16 @@
     setTitle(cells.tokens, `${fmtInt(w.tokens_in_total)} in / ${fmtInt(w.tokens_out_total)} out`);
 
     setText(cells.version, w.version || "–");
-    setTitle(cells.version, [w.build_sha && `sha ${w.build_sha}`, w.build_date].filter(Boolean).join(" · "));
+    const build = [w.build_sha && `sha ${w.build_sha}`, w.build_date];
+    setTitle(cells.version, build.filter(Boolean).join(" · "));
 
     row.heartbeat = String(w.last_heartbeat || "");
     tickHeartbeat(row);
 
     const error = String(w.last_error || "");
-    setText(cells["last-error"], error);
-    setTitle(cells["last-error"], error);
+    setText(parts.error, error);
+    setTitle(parts.error, error);
+    cells["last-error"].parentElement.classList.toggle("has-error", error !== "");
   }
 
   function tickHeartbeat(row) {
@@ -277,7 +284,8 @@
       else tbody.insertBefore(row.tr, next);
     }
     document.getElementById("workers-empty").hidden = workers.length > 0;
-    setText(field("workers-total"), workers.length === 1 ? "1 worker" : `${workers.length} workers`);
+    const count = workers.length;
+    setText(field("workers-total"), count === 1 ? "1 worker" : `${count} workers`);
   }
 
   function renderModels(models, workers) {
@@ -308,9 +316,10 @@
         const td = el("td", key === "name" ? "" : "num");
         td.dataset.field = key;
         td.dataset.label = label;
-        if (typeof content === "string") td.textContent = content;
-        else td.append(content);
-        if (key === "errors" && sum.errors > 0) td.classList.add("bad");
+        const cell = el("span", "cell");
+        cell.append(content);
+        if (key === "errors" && sum.errors > 0) cell.classList.add("bad");
+        td.append(cell);
         tr.append(td);
       }
       return tr;
@@ -331,10 +340,18 @@
     const models = Array.isArray(snapshot.models) ? snapshot.models : [];
 
     setText(field("version"), server.version ? `v${server.version}` : "");
-    const build = [server.build_sha && `build ${server.build_sha}`, server.build_date && String(server.build_date).slice(0, 10)];
+    const build = [
+      server.build_sha && `build ${server.build_sha}`,
+      server.build_date && String(server.build_date).slice(0, 10),
+    ];
     setText(field("build"), build.filter(Boolean).join(" · ") || " ");
     setText(field("inflight"), fmtInt(server.jobs_inflight_total));
     setText(field("queue"), fmtInt(server.scheduler_queue_len));
+    const capacity = workers
+      .filter((w) => w.status !== "gone" && w.status !== "draining")
+      .reduce((sum, w) => sum + (Number(w.max_concurrency) || 0), 0);
+    setText(field("capacity"), fmtInt(capacity));
+    field("inflight").classList.toggle("active", Number(server.jobs_inflight_total) > 0);
     setText(field("completed"), fmtInt(server.jobs_completed_total));
     setText(field("failed"), fmtInt(server.jobs_failed_total));
     field("failed").classList.toggle("bad", Number(server.jobs_failed_total) > 0);
@@ -378,11 +395,13 @@
     reconnecting: "Disconnected",
   };
 
-  function setConnection(state, detail = "") {
+  /** Show the link's state; the detail (a countdown) changes often, so it is not announced. */
+  function setConnection(state, label = LABELS[state], detail = "") {
     document.body.dataset.connection = state;
     const node = document.getElementById("connection");
     node.dataset.state = state;
-    setText(node.querySelector(".label"), detail || LABELS[state]);
+    setText(node.querySelector(".label"), label);
+    setText(node.querySelector(".detail"), detail);
     updateTitle();
   }
 
@@ -390,7 +409,7 @@
   let wake = () => {}; // cuts a reconnect wait short
   let restartNow = false; // the key changed: reconnect without waiting
 
-  /** Wait ``ms``; resolves true if woken early. */
+  /** Wait ms milliseconds; resolves true if woken early. */
   function pause(ms) {
     return new Promise((resolve) => {
       const timer = setTimeout(() => resolve(false), ms);
@@ -461,6 +480,7 @@
       }
       if (outcome === "auth") {
         if (key) sessionStorage.removeItem(KEY_STORAGE);
+        updateForgetButton();
         await askForKey(key ? "The server did not accept that key." : "");
         attempt = 0;
         setConnection("connecting");
@@ -472,7 +492,8 @@
         continue;
       }
       if (document.body.dataset.connection === "live") attempt = 0;
-      const delay = Math.min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** attempt) * (0.75 + Math.random() * 0.5);
+      const jitter = 0.75 + Math.random() * 0.5;
+      const delay = Math.min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** attempt) * jitter;
       attempt += 1;
       await countdown(delay);
       setConnection("connecting", "Reconnecting…");
@@ -484,7 +505,8 @@
     for (;;) {
       const left = until - performance.now();
       if (left <= 0 || restartNow) return;
-      setConnection("reconnecting", `Disconnected · retrying in ${Math.ceil(left / 1000)}s`);
+      const seconds = Math.ceil(left / 1000);
+      setConnection("reconnecting", LABELS.reconnecting, ` · retrying in ${seconds}s`);
       if (await pause(Math.min(left, 1000))) return;
     }
   }

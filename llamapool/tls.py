@@ -1,0 +1,40 @@
+"""TLS contexts: HTTPS and WSS served in process, and the worker's view of the server.
+
+The worker verifies the server against the system's trust store, or a CA file when the
+server's certificate comes from a private CA; it only skips verification when told to in so
+many words, and says so in the log every time it connects.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from llamapool.errors import ConfigError
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    """A context serving ``cert`` (a PEM chain) with its private ``key``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"TLS file not found: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot use TLS_CERT {cert!r} with TLS_KEY {key!r}: {exc}") from None
+    return context
+
+
+def client_context(*, ca_file: str = "", insecure: bool = False) -> ssl.SSLContext:
+    """How the worker checks the server's certificate."""
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except FileNotFoundError:
+        raise ConfigError(f"CA file not found: {ca_file}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot read CA file {ca_file!r}: {exc}") from None
