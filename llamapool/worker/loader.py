@@ -13,6 +13,8 @@ from llamapool.errors import PluginError
 from llamapool.plugin_api import Backend
 
 GROUP = "llamapool.backends"
+#: Backends that ship in this repository as their own distributions under plugins/.
+BUNDLED = frozenset({"ollama", "vllm", "openwebui"})
 
 
 def available() -> dict[str, EntryPoint]:
@@ -26,7 +28,10 @@ def load_backend(name: str) -> type[Backend]:
     ep = found.get(name)
     if ep is None:
         known = ", ".join(sorted(found)) or "none"
-        raise PluginError(f"unknown backend {name!r} (installed: {known})")
+        hint = ""
+        if name in BUNDLED:
+            hint = f"; install it with: pip install ./plugins/llamapool-{name}"
+        raise PluginError(f"unknown backend {name!r} (installed: {known}){hint}")
     dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
     try:
         obj = ep.load()
