@@ -1,41 +1,139 @@
 """The command line: ``llamapool serve`` and ``llamapool work``.
 
-Every option can also come from the environment variable shown in ``--help`` (the Go version's
-names, so existing env files keep working). Errors end the process with one line on stderr.
+Every setting comes from, in this order: a flag, its environment variable (the Go version's
+names, shown in ``--help``, so existing env files keep working), a file (``--env-file`` for
+both commands, ``--config`` YAML for the worker), the built-in default.
+Files reach click through the context's ``default_map``, which click consults after the
+command line and the environment; eager options load them before any other option is read.
+:func:`resolve` builds the settings without running anything; errors end the process with one
+line on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
+import attrs
 import click
 
+from llamapool import config_files
+from llamapool._cli_types import ByteSize, Duration, HostPort, format_duration, format_size
 from llamapool.build import build_info
-from llamapool.config import DEFAULT_WS_PATH, ServeConfig, WorkConfig, parse_duration
+from llamapool.config import ServeConfig, WorkConfig
 from llamapool.errors import LlamapoolError
-from llamapool.log import configure_logging
+from llamapool.log import LOG_FORMATS, LOG_LEVELS, LogSettings, configure_logging
 
-
-class Duration(click.ParamType):  # type: ignore[type-arg]
-    """Seconds, or a Go-style duration such as ``30s``, ``2m`` or ``1m30s``."""
-
-    name = "duration"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return parse_duration(str(value))
-        except LlamapoolError as exc:
-            self.fail(str(exc), param, ctx)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 _PORT = click.IntRange(0, 65535)
-_LOG_LEVEL = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def _serve_default(name: str) -> Any:
+    """The default of a :class:`ServeConfig` field: the config class is the one source."""
+    return attrs.fields_dict(ServeConfig)[name].default
+
+
+def _work_default(name: str) -> Any:
+    """The default of a :class:`WorkConfig` field."""
+    return attrs.fields_dict(WorkConfig)[name].default
+
+
+def _option(*decls: str, envvar: str | list[str], **kwargs: Any) -> Callable[[F], F]:
+    """An option readable from ``envvar`` and listed with it in ``--help``."""
+    return click.option(*decls, envvar=envvar, show_envvar=True, **kwargs)
+
+
+def _duration(decl: str, envvar: str, default: Any, help: str, **kind: bool) -> Callable[[F], F]:
+    return _option(
+        decl, envvar=envvar, type=Duration(**kind), default=format_duration(default), help=help
+    )
+
+
+def _secret(decl: str, *more: str, envvar: str | list[str], help: str) -> Callable[[F], F]:
+    return _option(decl, *more, envvar=envvar, default="", show_default=False, help=help)
+
+
+def _load_env_file(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    """Eager: read ``--env-file`` into ``default_map`` before other options are resolved."""
+    if value is None or ctx.resilient_parsing:
+        return
+    entries = config_files.read_entries(Path(value), yaml_file=False)
+    # An env file is closer to the environment than the YAML file: its values win.
+    ctx.default_map = {
+        **(ctx.default_map or {}),
+        **config_files.to_default_map(ctx, entries, source=value),
+    }
+
+
+def _load_config(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    """Eager: read the worker's YAML file into ``default_map`` (below ``--env-file``).
+
+    Without ``--config`` the OS default file is read if it exists (macOS and Windows only, as
+    in the Go worker); when it is, logs also go to the OS log directory unless told otherwise.
+    """
+    if ctx.resilient_parsing:
+        return
+    path = Path(value) if value is not None else config_files.default_worker_config()
+    if path is None or (value is None and not path.is_file()):
+        return
+    entries = config_files.read_entries(path, yaml_file=True)
+    settings = config_files.to_default_map(ctx, entries, source=str(path))
+    log_dir = config_files.default_worker_log_dir()
+    if value is None and log_dir is not None:
+        settings.setdefault("log_dir", str(log_dir))
+    ctx.default_map = {**settings, **(ctx.default_map or {})}
+
+
+def _env_file_option(f: F) -> F:
+    return _option(
+        "--env-file",
+        envvar="ENV_FILE",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        is_eager=True,
+        callback=_load_env_file,
+        help="Read settings from this KEY=value file (systemd EnvironmentFile syntax).",
+    )(f)
+
+
+def _log_options(*, log_dir_default: str = "") -> Callable[[F], F]:
+    """``--log-level``, ``--log-dir`` and ``--log-format``, shared by both commands."""
+    options = [
+        _option(
+            "--log-level",
+            envvar="LOG_LEVEL",
+            type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            default="info",
+            help="Least important events to log.",
+        ),
+        _option(
+            "--log-dir",
+            envvar="LOG_DIR",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Also write JSON logs to rotating files (10 MiB x 5) in this directory."
+            + (f"  [default: {log_dir_default}]" if log_dir_default else ""),
+        ),
+        _option(
+            "--log-format",
+            envvar="LOG_FORMAT",
+            type=click.Choice(LOG_FORMATS, case_sensitive=False),
+            default="auto",
+            help="Format on stderr; auto: console on a terminal, JSON otherwise.",
+        ),
+    ]
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def _version(ctx: click.Context, _: click.Parameter, value: bool) -> None:
@@ -54,184 +152,388 @@ def _version(ctx: click.Context, _: click.Parameter, value: bool) -> None:
     help="Print version, git SHA and build date, then exit.",
 )
 def cli() -> None:
-    """llamapool: pool private LLM machines behind one OpenAI-compatible endpoint."""
+    """llamapool: pool private LLM machines behind one OpenAI-compatible endpoint.
+
+    Settings come from flags, then environment variables, then files, then defaults.
+    """
 
 
-def _log_option(f: Any) -> Any:
-    return click.option(
-        "--log-level", envvar="LOG_LEVEL", type=_LOG_LEVEL, default="info", show_envvar=True
-    )(f)
+# --- serve ----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ServeSettings:
+    """Everything ``llamapool serve`` needs to run."""
+
+    config: ServeConfig
+    log: LogSettings
+    demo: bool = False
+
+
+def serve_settings(params: Mapping[str, Any]) -> ServeSettings:
+    """Settings from the resolved ``serve`` options (flag, environment, file or default)."""
+    demo = bool(params["demo"])
+    fields = _config_fields(ServeConfig, params, api_key="api_keys", worker_key="worker_keys")
+    fields["host"] = fields["host"] or ("127.0.0.1" if demo else "0.0.0.0")
+    return ServeSettings(ServeConfig(**fields), _log_settings(params), demo)
 
 
 @cli.command(context_settings={"show_default": True})
-@click.option(
+@_option(
     "--host",
     envvar="HOST",
     default=None,
-    show_envvar=True,
     help="Address to listen on.  [default: 0.0.0.0; 127.0.0.1 with --demo]",
 )
-@click.option(
+@_option(
     "--port",
     envvar="PORT",
     type=_PORT,
-    default=8080,
-    show_envvar=True,
+    default=_serve_default("port"),
     help="Port for the API and the worker socket (0: any free port).",
 )
-@click.option(
+@_option(
+    "--metrics-port",
+    envvar="METRICS_PORT",
+    type=_PORT,
+    default=None,
+    help="Serve /metrics on this port instead.  [default: /metrics on --port]",
+)
+@_secret(
     "--api-key",
     envvar="API_KEY",
-    default="",
-    show_default=False,
-    show_envvar=True,
     help="Key(s) clients must send as 'Authorization: Bearer'; comma-separated.",
 )
-@click.option(
-    "--worker-key",
-    envvar="WORKER_KEY",
-    default="",
-    show_default=False,
-    show_envvar=True,
-    help="Key(s) workers must register with; comma-separated.",
-)
-@click.option(
+@_secret("--worker-key", envvar="WORKER_KEY", help="Key(s) workers must register with.")
+@_option(
     "--ws-path",
     envvar="WS_PATH",
-    default=DEFAULT_WS_PATH,
-    show_envvar=True,
+    default=_serve_default("ws_path"),
     help="Path of the worker WebSocket endpoint.",
 )
-@click.option(
+@_duration(
     "--request-timeout",
-    envvar="REQUEST_TIMEOUT",
-    type=Duration(),
-    default="300s",
-    show_envvar=True,
-    help="Longest a request may take, start to end.",
+    "REQUEST_TIMEOUT",
+    _serve_default("request_timeout"),
+    "Longest a request may take, start to end.",
+    zero=False,
+)
+@_option(
+    "--max-body-size",
+    envvar="MAX_BODY_SIZE",
+    type=ByteSize(),
+    default=format_size(_serve_default("max_body_size")),
+    help="Largest request body accepted from a client.",
+)
+@_duration(
+    "--idle-timeout",
+    "IDLE_TIMEOUT",
+    _serve_default("idle_timeout"),
+    "End a stream when its worker sends nothing for this long.",
+    zero=False,
+)
+@_option(
+    "--queue-size",
+    envvar="QUEUE_SIZE",
+    type=click.IntRange(min=0),
+    default=_serve_default("queue_size"),
+    help="Requests that may wait per model while its workers are busy (0: none).",
+)
+@_duration(
+    "--queue-timeout",
+    "QUEUE_TIMEOUT",
+    _serve_default("queue_timeout"),
+    "Longest a request waits in the queue before a 503.",
+)
+@_duration(
+    "--drain-timeout",
+    "DRAIN_TIMEOUT",
+    _serve_default("drain_timeout"),
+    "On SIGTERM, time in-flight requests get to finish (0: stop at once; -1: wait forever).",
+    forever=True,
+)
+@_duration(
+    "--worker-timeout",
+    "WORKER_TIMEOUT",
+    _serve_default("worker_timeout"),
+    "Evict a worker silent for this long.",
+    zero=False,
+)
+@_duration(
+    "--register-timeout",
+    "REGISTER_TIMEOUT",
+    _serve_default("register_timeout"),
+    "Time a new worker connection has to register.",
+    zero=False,
+)
+@_option(
+    "--max-attempts",
+    envvar="MAX_ATTEMPTS",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_attempts"),
+    help="Workers one request may be tried on when workers vanish before answering.",
+)
+@_duration(
+    "--gone-retention",
+    "GONE_RETENTION",
+    _serve_default("gone_retention"),
+    "How long a departed worker stays listed as 'gone' in the state API.",
+)
+@_option(
+    "--tls-cert",
+    envvar="TLS_CERT",
+    default="",
+    show_default=False,
+    help="PEM certificate chain: serve HTTPS and WSS on the same port (with --tls-key).",
+)
+@_option(
+    "--tls-key",
+    envvar="TLS_KEY",
+    default="",
+    show_default=False,
+    help="PEM private key of --tls-cert.",
+)
+@_option(
+    "--metrics-require-key",
+    envvar="METRICS_REQUIRE_KEY",
+    is_flag=True,
+    help="Require the API key on /metrics too (open by default, as in Go).",
+)
+@_option(
+    "--max-connections",
+    envvar="MAX_CONNECTIONS",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_connections"),
+    help="Client requests handled at once; more are answered 503.",
+)
+@_option(
+    "--max-workers",
+    envvar="MAX_WORKERS",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_workers"),
+    help="Worker connections at once; more are refused.",
+)
+@_option(
+    "--max-models-per-worker",
+    envvar="MAX_MODELS_PER_WORKER",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_models_per_worker"),
+    help="Models one worker may advertise.",
 )
 @click.option(
     "--demo",
     is_flag=True,
     help="Also run a built-in demo worker (echo model 'demo') and print a curl line.",
 )
-@_log_option
-def serve(
-    host: str | None,
-    port: int,
-    api_key: str,
-    worker_key: str,
-    ws_path: str,
-    request_timeout: float,
-    demo: bool,
-    log_level: str,
-) -> None:
+@_env_file_option
+@_log_options()
+def serve(**params: Any) -> None:
     """Run the server clients and workers connect to."""
     from llamapool import run
 
-    configure_logging(log_level)
-    cfg = ServeConfig(
-        host=host or ("127.0.0.1" if demo else "0.0.0.0"),
-        port=port,
-        api_keys=api_key,
-        worker_keys=worker_key,
-        ws_path=ws_path,
-        request_timeout=request_timeout,
-    )
-    asyncio.run(run.demo(cfg) if demo else run.serve(cfg))
+    settings = serve_settings(params)
+    _configure_logging(settings.log, "server.log")
+    cfg = settings.config
+    asyncio.run(run.demo(cfg) if settings.demo else run.serve(cfg))
+
+
+# --- work -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class WorkSettings:
+    """Everything ``llamapool work`` needs to run."""
+
+    config: WorkConfig
+    log: LogSettings
+
+
+def work_settings(params: Mapping[str, Any]) -> WorkSettings:
+    """Settings from the resolved ``work`` options (flag, environment, file or default)."""
+    fields = _config_fields(WorkConfig, params)
+    for generated in ("worker_id", "worker_name"):  # empty: let WorkConfig make one up
+        if not fields[generated]:
+            del fields[generated]
+    return WorkSettings(WorkConfig(**fields), _log_settings(params))
 
 
 @cli.command(context_settings={"show_default": True})
-@click.option(
+@_option(
     "--server-url",
     envvar="SERVER_URL",
-    default=WorkConfig().server_url,
-    show_envvar=True,
+    default=_work_default("server_url"),
     help="The server's worker WebSocket URL (ws:// or wss://).",
 )
-@click.option(
-    "--worker-key",
-    envvar="WORKER_KEY",
-    default="",
-    show_default=False,
-    show_envvar=True,
-    help="Key to register with.",
-)
-@click.option(
+@_secret("--worker-key", envvar="WORKER_KEY", help="Key to register with.")
+@_option(
     "--backend",
     envvar="BACKEND",
-    default="ollama",
-    show_envvar=True,
+    default=_work_default("backend"),
     help="Backend plugin: ollama, vllm, openwebui, demo, or a third-party one.",
 )
-@click.option(
+@_option(
     "--backend-url",
-    envvar=["BACKEND_URL", "OLLAMA_BASE_URL"],
+    "--ollama-base-url",
+    "backend_url",
+    envvar=["BACKEND_URL", "OLLAMA_BASE_URL", "OLLAMA_URL"],
     default="",
     show_default=False,
-    show_envvar=True,
     help="Base URL of the backend.  [default: the backend's usual local URL]",
 )
-@click.option(
+@_secret(
     "--backend-api-key",
+    "--ollama-api-key",
+    "backend_api_key",
     envvar=["BACKEND_API_KEY", "OLLAMA_API_KEY"],
-    default="",
-    show_default=False,
-    show_envvar=True,
     help="Key the worker sends to its backend.",
 )
-@click.option(
+@_option(
     "--max-concurrency",
     envvar="MAX_CONCURRENCY",
     type=click.IntRange(min=1),
-    default=2,
-    show_envvar=True,
+    default=_work_default("max_concurrency"),
     help="Requests this worker serves at once.",
 )
-@click.option(
+@_option(
     "--worker-id",
     envvar="WORKER_ID",
     default="",
     show_default=False,
-    show_envvar=True,
     help="Stable id of this worker.  [default: random]",
 )
-@click.option(
+@_option(
     "--worker-name",
     envvar="WORKER_NAME",
     default="",
     show_default=False,
-    show_envvar=True,
     help="Display name.  [default: host name]",
 )
-@_log_option
-def work(
-    server_url: str,
-    worker_key: str,
-    backend: str,
-    backend_url: str,
-    backend_api_key: str,
-    max_concurrency: int,
-    worker_id: str,
-    worker_name: str,
-    log_level: str,
-) -> None:
+@_option(
+    "--status-addr",
+    envvar="STATUS_ADDR",
+    type=HostPort(),
+    default="",
+    show_default=False,
+    help="host:port of the local /status and /version endpoint.  [default: off]",
+)
+@_option(
+    "--metrics-addr",
+    envvar="METRICS_ADDR",
+    type=HostPort(),
+    default="",
+    show_default=False,
+    help="host:port of the worker's Prometheus /metrics.  [default: off]",
+)
+@_duration(
+    "--drain-timeout",
+    "DRAIN_TIMEOUT",
+    _work_default("drain_timeout"),
+    "On SIGTERM, time in-flight requests get to finish (0: exit at once; -1: wait forever).",
+    forever=True,
+)
+@_duration(
+    "--probe-interval",
+    "PROBE_INTERVAL",
+    _work_default("probe_interval"),
+    "Time between checks of the backend's health and models.",
+    zero=False,
+)
+@_duration(
+    "--reconnect-max",
+    "RECONNECT_MAX",
+    _work_default("reconnect_max"),
+    "Longest wait between two attempts to reach the server.",
+    zero=False,
+)
+@_duration(
+    "--heartbeat-interval",
+    "HEARTBEAT_INTERVAL",
+    _work_default("heartbeat_interval"),
+    "Time between heartbeats (the server evicts a worker silent for 15s).",
+    zero=False,
+)
+@_option(
+    "--ca-file",
+    envvar="CA_FILE",
+    default="",
+    show_default=False,
+    help="PEM file of the CA(s) that signed the server's certificate.  [default: the system's]",
+)
+@_option(
+    "--tls-insecure",
+    envvar="TLS_INSECURE",
+    is_flag=True,
+    help="Do not verify the server's certificate (self-signed test servers only).",
+)
+@_option(
+    "--config",
+    envvar="CONFIG_FILE",
+    type=click.Path(dir_okay=False),
+    expose_value=False,
+    is_eager=True,
+    callback=_load_config,
+    show_default=False,
+    help="YAML file of settings ('server_url: ...').  [default: worker.yaml in "
+    "~/Library/Application Support/llamapool on macOS, %ProgramData%\\llamapool on "
+    "Windows, none elsewhere]",
+)
+@_env_file_option
+@_log_options(
+    log_dir_default="none; when the OS-default worker.yaml is read, ~/Library/Logs/llamapool "
+    "on macOS, %ProgramData%\\llamapool\\Logs on Windows"
+)
+def work(**params: Any) -> None:
     """Run a worker beside an LLM runtime; it dials out to the server."""
     from llamapool import run
 
-    configure_logging(log_level)
-    defaults = WorkConfig()
-    cfg = WorkConfig(
-        server_url=server_url,
-        worker_key=worker_key,
-        backend=backend,
-        backend_url=backend_url,
-        backend_api_key=backend_api_key,
-        max_concurrency=max_concurrency,
-        worker_id=worker_id or defaults.worker_id,
-        worker_name=worker_name or defaults.worker_name,
+    settings = work_settings(params)
+    _configure_logging(settings.log, "worker.log")
+    asyncio.run(run.work(settings.config))
+
+
+# --- shared ---------------------------------------------------------------------------------
+
+
+def _config_fields(cls: type, params: Mapping[str, Any], **renamed: str) -> dict[str, Any]:
+    """The options that are fields of ``cls``: each option is named after its field, except
+    ``renamed`` ones (``--api-key`` fills ``api_keys``)."""
+    fields = attrs.fields_dict(cls)
+    values = {renamed.get(name, name): value for name, value in params.items()}
+    return {name: value for name, value in values.items() if name in fields}
+
+
+def _log_settings(params: Mapping[str, Any]) -> LogSettings:
+    log_dir = params["log_dir"]
+    return LogSettings(
+        level=params["log_level"].lower(),
+        format=params["log_format"].lower(),
+        dir=Path(log_dir) if log_dir else None,
     )
-    asyncio.run(run.work(cfg))
+
+
+def _configure_logging(settings: LogSettings, file_name: str) -> None:
+    configure_logging(
+        settings.level, fmt=settings.format, log_dir=settings.dir, file_name=file_name
+    )
+
+
+_SETTINGS: dict[str, tuple[click.Command, Callable[[Mapping[str, Any]], Any]]] = {
+    "serve": (serve, serve_settings),
+    "work": (work, work_settings),
+}
+
+
+def resolve(args: Sequence[str]) -> ServeSettings | WorkSettings:
+    """The settings ``llamapool <args>`` would run with, from flags, environment and files.
+
+    Runs nothing: tests and tools use it to see what a command line means.
+    """
+    if not args or args[0] not in _SETTINGS:
+        raise click.UsageError(f"expected one of {', '.join(_SETTINGS)}")
+    command, build = _SETTINGS[args[0]]
+    with command.make_context(args[0], list(args[1:])) as ctx:
+        settings: ServeSettings | WorkSettings = build(ctx.params)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:

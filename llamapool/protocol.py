@@ -240,9 +240,19 @@ def _structure_bool(value: Any, _: type) -> bool:
 
 def _structure_str_list(value: Any, _: type) -> list[str]:
     # cattrs alone would turn a string into a list of its characters
+    if value is None:  # Go encodes a nil slice as null
+        return []
     if not isinstance(value, list):
         raise TypeError(f"expected a list, got {type(value).__name__}")
     return [_structure_str(item, str) for item in value]
+
+
+def _structure_headers(value: Any, _: type) -> dict[str, str]:
+    if value is None:  # Go encodes a nil map as null
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return {_structure_str(k, str): _structure_str(v, str) for k, v in value.items()}
 
 
 converter = cattrs.Converter(forbid_extra_keys=False)
@@ -252,6 +262,7 @@ converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook(int, _structure_int)
 converter.register_structure_hook(bool, _structure_bool)
 converter.register_structure_hook_func(lambda t: t == list[str], _structure_str_list)
+converter.register_structure_hook_func(lambda t: t == dict[str, str], _structure_headers)
 
 
 def encode(message: Message) -> str:
@@ -295,6 +306,20 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
         return "; ".join(cattrs.transform_error(exc))
     return str(exc)
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """``body`` asking for ``model`` instead: used only when a request is routed through a
+    model alias (``llama3:8b-q4_0`` served by ``llama3:8b``); every other body is relayed
+    untouched."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(data, dict) or data.get("model") == model:
+        return body
+    data["model"] = model
+    return orjson.dumps(data)
 
 
 # --- binary frames (llamapool-py peers only) ------------------------------------------------

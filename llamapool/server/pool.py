@@ -75,6 +75,8 @@ class WorkerHandle:
     build_sha: str = ""
     build_date: str = ""
     backend: str = ""
+    #: The worker's protocol extension level; 0 for a Go worker.
+    protocol: int = 0
     inflight: int = 0
     #: Set when the worker said it is draining: it finishes its requests but takes no more.
     draining: bool = False
@@ -85,6 +87,8 @@ class WorkerHandle:
     connected_at: float = attrs.field(factory=time.time)
     last_heartbeat: float = attrs.field(factory=time.monotonic)
     _buckets: list[_Buckets] = attrs.field(factory=list, repr=False)
+    #: When the scheduler last picked this worker: ties go to the least recently picked.
+    _picked: int = attrs.field(default=0, repr=False)
 
     def serves(self, path: str) -> bool:
         return self.paths is None or path in self.paths
@@ -154,6 +158,7 @@ class Pool:
         self._workers: dict[str, WorkerHandle] = {}
         self._index: dict[str, dict[frozenset[str] | None, _Buckets]] = {}
         self._first_seen: dict[str, int] = {}
+        self._picks = 0
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -233,9 +238,14 @@ class Pool:
                     continue
                 eligible = True
                 candidate = buckets.least_busy()
-                if candidate is not None and (best is None or candidate.inflight < best.inflight):
+                if candidate is not None and (
+                    best is None
+                    or (candidate.inflight, candidate._picked) < (best.inflight, best._picked)
+                ):
                     best = candidate
             if best is not None:
+                self._picks += 1
+                best._picked = self._picks
                 self._move(best, +1)
                 return best
             if eligible:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from llamapool.errors import RoutingError
 from llamapool.headers import CLIENT_ONLY, forwardable
-from llamapool.protocol import ProxyRequest, ResponseHeaders
+from llamapool.protocol import ProxyRequest, ResponseHeaders, with_model
 from llamapool.server.appkeys import CONFIG, SCHEDULER, STATE
 from llamapool.server.exchange import Ended
 from llamapool.server.http_errors import Flavor, error_response
@@ -129,6 +129,12 @@ async def _attempt(
     """One try on one worker, accounted for in the state, the metrics and one log line."""
     scheduler, state = request.app[SCHEDULER], request.app[STATE]
     served = next((n for n in fallback_names(model) if n in worker.models), model)
+    override = ""
+    if served != model:  # an alias: the backend must be asked for the name it knows
+        if worker.protocol:
+            override = served  # the worker puts it into the body
+        else:
+            body = with_model(body, served)  # a Go worker would not: do it here
     started = time.monotonic()
     state.request_started(worker)
     trace = Trace()
@@ -138,9 +144,7 @@ async def _attempt(
             worker,
             body=body,
             stream=stream,
-            # An alias (llama3:8b-q4_0 served by llama3:8b): the worker puts the name its
-            # backend knows into the body. Otherwise the body goes through untouched.
-            model=served if served != model else "",
+            model=override,
             flavor=flavor,
             deadlines=deadlines,
             trace=trace,

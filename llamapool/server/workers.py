@@ -92,6 +92,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         build_sha=register.build_sha,
         build_date=register.build_date,
         backend=register.backend,
+        protocol=register.protocol,
     )
     pool = request.app[POOL]
     replaced = pool.add(worker)

@@ -15,13 +15,19 @@ from typing import Protocol
 
 import aiohttp
 import attrs
-import orjson
 import structlog
 
 from llamapool.errors import BackendError
 from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
 from llamapool.plugin_api import Backend
-from llamapool.protocol import Message, ProxyRequest, ResponseEnd, ResponseHeaders, WireError
+from llamapool.protocol import (
+    Message,
+    ProxyRequest,
+    ResponseEnd,
+    ResponseHeaders,
+    WireError,
+    with_model,
+)
 from llamapool.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("llamapool.worker")
@@ -143,7 +149,7 @@ class Jobs:
         headers.update(self.backend.auth_headers())
         headers["Accept-Encoding"] = "identity"
         if request.model and body:
-            body = _with_model(body, request.model)
+            body = with_model(body, request.model)
         try:
             url = self.backend.upstream_url(request.path)
             async with self._http().request(request.method, url, data=body, headers=headers) as r:
@@ -168,15 +174,3 @@ class Jobs:
         self.last_error = message
         await outbox.send(ResponseEnd(request_id, WireError(code=code, message=message)))
         return "failed"
-
-
-def _with_model(body: bytes, model: str) -> bytes:
-    """The body asking for ``model``: the server chose this worker through an alias."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body
-    if not isinstance(data, dict) or data.get("model") == model:
-        return body
-    data["model"] = model
-    return orjson.dumps(data)

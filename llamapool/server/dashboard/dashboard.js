@@ -283,6 +283,7 @@
       if (row.tr === next) next = next.nextElementSibling;
       else tbody.insertBefore(row.tr, next);
     }
+    document.getElementById("workers").hidden = workers.length === 0;
     document.getElementById("workers-empty").hidden = workers.length > 0;
     const count = workers.length;
     setText(field("workers-total"), count === 1 ? "1 worker" : `${count} workers`);
@@ -325,6 +326,7 @@
       return tr;
     });
     document.querySelector("#models tbody").replaceChildren(...rows);
+    document.getElementById("models").hidden = models.length === 0;
     document.getElementById("models-empty").hidden = models.length > 0;
     setText(field("models-total"), models.length === 1 ? "1 model" : `${models.length} models`);
   }
