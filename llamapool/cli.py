@@ -24,7 +24,7 @@ from llamapool import config_files
 from llamapool._cli_types import ByteSize, Duration, HostPort, format_duration, format_size
 from llamapool.build import build_info
 from llamapool.config import ServeConfig, WorkConfig
-from llamapool.errors import LlamapoolError
+from llamapool.errors import ConfigError, LlamapoolError
 from llamapool.log import LOG_FORMATS, LOG_LEVELS, LogSettings, configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -174,6 +174,8 @@ def serve_settings(params: Mapping[str, Any]) -> ServeSettings:
     """Settings from the resolved ``serve`` options (flag, environment, file or default)."""
     demo = bool(params["demo"])
     fields = _config_fields(ServeConfig, params, api_key="api_keys", worker_key="worker_keys")
+    fields["api_keys"] = _keys(params["api_key"], params["api_key_file"])
+    fields["worker_keys"] = _keys(params["worker_key"], params["worker_key_file"])
     fields["host"] = fields["host"] or ("127.0.0.1" if demo else "0.0.0.0")
     return ServeSettings(ServeConfig(**fields), _log_settings(params), demo)
 
@@ -204,7 +206,21 @@ def serve_settings(params: Mapping[str, Any]) -> ServeSettings:
     envvar="API_KEY",
     help="Key(s) clients must send as 'Authorization: Bearer'; comma-separated.",
 )
+@_option(
+    "--api-key-file",
+    envvar="API_KEY_FILE",
+    default="",
+    show_default=False,
+    help="File of client keys, one per line (added to --api-key; for rotation).",
+)
 @_secret("--worker-key", envvar="WORKER_KEY", help="Key(s) workers must register with.")
+@_option(
+    "--worker-key-file",
+    envvar="WORKER_KEY_FILE",
+    default="",
+    show_default=False,
+    help="File of worker keys, one per line (added to --worker-key).",
+)
 @_option(
     "--ws-path",
     envvar="WS_PATH",
@@ -492,6 +508,21 @@ def work(**params: Any) -> None:
 
 
 # --- shared ---------------------------------------------------------------------------------
+
+
+def _keys(listed: str, path: str) -> tuple[str, ...]:
+    """Keys from a comma-separated value plus a file of one key per line (``#`` comments).
+
+    Several keys are accepted at once so an operator can rotate them without downtime.
+    """
+    keys = [k.strip() for k in listed.split(",") if k.strip()]
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+        keys += [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+    return tuple(dict.fromkeys(keys))
 
 
 def _config_fields(cls: type, params: Mapping[str, Any], **renamed: str) -> dict[str, Any]:

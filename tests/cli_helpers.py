@@ -17,34 +17,27 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from llamapool.cli import cli
+
+
 #: Every environment variable the CLI reads; stripped from the inherited environment so the
 #: developer's own settings never leak into a test.
-CLI_ENV_VARS = frozenset(
-    {
-        "PORT",
-        "HOST",
-        "METRICS_PORT",
-        "API_KEY",
-        "WORKER_KEY",
-        "WS_PATH",
-        "REQUEST_TIMEOUT",
-        "SERVER_URL",
-        "BACKEND",
-        "BACKEND_URL",
-        "OLLAMA_BASE_URL",
-        "BACKEND_API_KEY",
-        "OLLAMA_API_KEY",
-        "MAX_CONCURRENCY",
-        "WORKER_ID",
-        "WORKER_NAME",
-        "STATUS_ADDR",
-        "METRICS_ADDR",
-        "DRAIN_TIMEOUT",
-        "CONFIG_FILE",
-        "LOG_DIR",
-        "LOG_LEVEL",
-    }
-)
+def _cli_env_vars() -> frozenset[str]:
+    """Every environment variable an option of ``serve`` or ``work`` reads."""
+    names: set[str] = set()
+    for command in cli.commands.values():
+        for param in command.params:
+            envvar = getattr(param, "envvar", None)
+            if isinstance(envvar, str):
+                names.add(envvar)
+            elif envvar:
+                names.update(envvar)
+    return frozenset(names)
+
+
+#: Stripped from the environment of CLI subprocesses, so a developer's own settings never leak
+#: into a test.
+CLI_ENV_VARS = _cli_env_vars()
 #: Longest a CLI process may take to reach a state a test waits for.
 STARTUP = 30.0
 

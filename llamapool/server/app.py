@@ -48,7 +48,8 @@ async def _drain(app: web.Application) -> None:
     if state.jobs_inflight_total or len(scheduler):
         log.info("server_draining", in_flight=state.jobs_inflight_total, queued=len(scheduler))
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(state.idle.wait(), app[CONFIG].drain_timeout)
+        timeout = app[CONFIG].drain_timeout
+        await asyncio.wait_for(state.idle.wait(), None if timeout < 0 else timeout)
     sockets = app[SOCKETS]
     for ws in list(sockets):
         await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
