@@ -117,5 +117,6 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app.on_response_prepare.append(middleware.echo_request_id)
     app.cleanup_ctx.append(evict_silent_workers)
     app.cleanup_ctx.append(state_api.broadcast_state)
+    app.on_shutdown.append(state_api.release_watchers)
     app.on_shutdown.append(_drain)
     return app

@@ -30,6 +30,7 @@ class StateBroadcaster:
         self.state = state
         self.published = -1
         self.snapshot = b""
+        self.closing = False
         self._fresh = asyncio.Event()
 
     def publish(self) -> None:
@@ -40,11 +41,16 @@ class StateBroadcaster:
         fresh, self._fresh = self._fresh, asyncio.Event()
         fresh.set()
 
-    async def next(self, seen: int) -> tuple[int, bytes]:
-        """The first snapshot newer than version ``seen``."""
-        while self.published == seen:
+    async def next(self, seen: int) -> tuple[int, bytes] | None:
+        """The first snapshot newer than version ``seen``; ``None`` once the server stops."""
+        while self.published == seen and not self.closing:
             await self._fresh.wait()
-        return self.published, self.snapshot
+        return None if self.closing else (self.published, self.snapshot)
+
+    def close(self) -> None:
+        """Release every watcher, so a stopping server does not wait on open dashboards."""
+        self.closing = True
+        self._fresh.set()
 
 
 BROADCASTER = web.AppKey("broadcaster", StateBroadcaster)
@@ -84,7 +90,10 @@ async def state_stream(request: web.Request) -> web.StreamResponse:
     async with sse_response(request, ping_interval=KEEPALIVE_INTERVAL) as response:
         seen = -1
         while response.is_connected():
-            seen, snapshot = await broadcaster.next(seen)
+            update = await broadcaster.next(seen)
+            if update is None:
+                break
+            seen, snapshot = update
             await response.send(snapshot.decode())
     return response
 
@@ -93,3 +102,8 @@ async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
     body = request.app[STATE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def release_watchers(app: web.Application) -> None:
+    """``on_shutdown``: end the state streams so shutdown does not wait for their clients."""
+    app[BROADCASTER].close()
