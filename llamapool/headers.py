@@ -23,8 +23,16 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Request headers that stay on the client's side of the server.
-CLIENT_ONLY = HOP_BY_HOP | {"authorization", "cookie", "host", "content-length", "expect"}
+#: Request headers that stay on the client's side of the server. The server decodes a
+#: compressed body before relaying it, so its Content-Encoding stays behind too.
+CLIENT_ONLY = HOP_BY_HOP | {
+    "authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "content-encoding",
+    "expect",
+}
 
 #: Response headers the server recomputes for its own connection to the client.
 RECOMPUTED = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
@@ -34,7 +42,16 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dic
     """A plain dict of the headers not in ``drop`` (names compared case-insensitively).
 
     Repeated headers are joined with ``", "``, which HTTP allows for every header we relay.
+    Headers that ``Connection`` names are hop-by-hop too, and dropped with it.
     """
+    headers = list(headers)
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if str(name).lower() == "connection"
+        for token in value.split(",")
+    }
+    drop = drop | listed
     result: dict[str, str] = {}
     lowered: dict[str, str] = {}
     for raw_name, value in headers:

@@ -8,6 +8,7 @@ key, but if it does, the value does not reach a terminal or a file.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import logging.handlers
 import sys
@@ -134,11 +135,21 @@ def _stderr_is_tty() -> bool:
     return sys.stderr is not None and sys.stderr.isatty()
 
 
+#: Console tracebacks without local variables: a frame's locals may hold keys.
+_TRACEBACKS = (
+    structlog.dev.RichTracebackFormatter(show_locals=False)
+    if importlib.util.find_spec("rich") is not None
+    else structlog.dev.plain_traceback
+)
+
+
 def _formatter(*, json: bool, foreign: list[Processor]) -> logging.Formatter:
     last: list[Processor] = (
         [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
         if json
-        else [structlog.dev.ConsoleRenderer(colors=_stderr_is_tty())]
+        else [
+            structlog.dev.ConsoleRenderer(colors=_stderr_is_tty(), exception_formatter=_TRACEBACKS)
+        ]
     )
     return structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *last],

@@ -229,7 +229,10 @@ def _structure_str(value: Any, _: type) -> str:
 def _structure_int(value: Any, _: type) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
-    return int(value)
+    number = int(value)
+    if not -(2**63) <= number < 2**64:  # a float can say 1e300; no peer holds it, nor can we
+        raise ValueError(f"number out of range: {value}")
+    return number
 
 
 def _structure_bool(value: Any, _: type) -> bool:

@@ -17,8 +17,8 @@ from aiohttp import web
 from llamapool.backends.demo import DEMO_MODELS, DemoBackend
 from llamapool.config import ServeConfig, WorkConfig
 from llamapool.plugin_api import BackendSettings
-from llamapool.server.app import create_app, create_metrics_app
-from llamapool.server.appkeys import STATE
+from llamapool.server.app import create_app, create_metrics_app, drain
+from llamapool.server.appkeys import SOCKETS, STATE
 from llamapool.tls import server_context
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
@@ -40,17 +40,17 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     On exit the listener closes first, then requests in flight get ``drain_timeout`` to
     finish, then worker connections are closed (see the app's ``on_shutdown``).
     """
+    tls = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     app = create_app(cfg)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
-    tls = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     try:
         await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls).start()
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
         log.info("server_listening", url=url, ws_path=cfg.ws_path)
         if cfg.metrics_port is not None:
-            metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
+            metrics_runner = web.AppRunner(create_metrics_app(app[STATE], cfg), access_log=None)
             await metrics_runner.setup()
             await web.TCPSite(metrics_runner, cfg.host, cfg.metrics_port, ssl_context=tls).start()
             port = metrics_runner.addresses[0][1]
@@ -62,7 +62,25 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
-        await runner.cleanup()
+        await stop_server(runner)
+
+
+async def stop_server(runner: web.AppRunner) -> None:
+    """Stop the way Go's ``http.Server.Shutdown`` does: close the listener and the clients'
+    idle connections (busy ones close after their response, so no new request starts), let
+    the requests in flight finish (the app's drain), then clean up.
+
+    aiohttp's cleanup alone would close the worker sockets' connections too, and a closed
+    aiohttp connection stops reading: the streams the drain waits for would freeze.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    workers = {ws.get_extra_info("peername") for ws in runner.app[SOCKETS]}
+    for conn in runner.server.connections if runner.server is not None else ():
+        if conn.transport is not None and conn.transport.get_extra_info("peername") not in workers:
+            conn.close()
+    await drain(runner.app)
+    await runner.cleanup()
 
 
 def _url(host: str, port: int, *, tls: bool) -> str:

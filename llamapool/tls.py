@@ -7,6 +7,7 @@ many words, and says so in the log every time it connects.
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from llamapool.errors import ConfigError
@@ -18,8 +19,9 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"TLS file not found: {exc.filename}") from None
+    except FileNotFoundError:
+        missing = next((path for path in (cert, key) if not os.path.isfile(path)), cert)
+        raise ConfigError(f"TLS file not found: {missing}") from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"cannot use TLS_CERT {cert!r} with TLS_KEY {key!r}: {exc}") from None
     return context

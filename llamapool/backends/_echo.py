@@ -31,11 +31,16 @@ class Echo:
         return len(self.tokens)
 
 
+#: Most tokens one answer has, whatever ``max_tokens`` a client asks for.
+MAX_TOKENS = 100_000
+
+
 def echo(prompt: str, *, limit: int | None = None) -> Echo:
-    """Answer ``"echo: " + prompt``; with ``limit``, exactly that many tokens (cycling)."""
+    """Answer ``"echo: " + prompt``; with ``limit``, exactly that many tokens (cycling, at
+    most :data:`MAX_TOKENS`)."""
     words = ["echo:", *prompt.split()]
     if limit is not None and limit > 0:
-        words = [words[i % len(words)] for i in range(limit)]
+        words = [words[i % len(words)] for i in range(min(limit, MAX_TOKENS))]
     tokens = [w if i == 0 else " " + w for i, w in enumerate(words)]
     return Echo(tokens=tokens, prompt_tokens=len(prompt.split()))
 

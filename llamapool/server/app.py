@@ -11,7 +11,7 @@ from aiohttp import web
 
 from llamapool.build import build_info
 from llamapool.config import ServeConfig
-from llamapool.server import middleware, ollama, openai, state_api
+from llamapool.server import middleware, ollama, openai, openapi, state_api
 from llamapool.server.appkeys import ACTIVE_REQUESTS, CONFIG, POOL, SCHEDULER, SOCKETS, STATE
 from llamapool.server.http_errors import json_response
 from llamapool.server.link import CLOSE_GOING_AWAY
@@ -41,9 +41,14 @@ async def to_dashboard(request: web.Request) -> web.Response:
     raise web.HTTPFound("/dashboard/")
 
 
-async def _drain(app: web.Application) -> None:
-    """``on_shutdown``: the listener is closed; let requests in flight (and queued) finish
-    within the drain timeout, then close the worker connections cleanly."""
+async def drain(app: web.Application) -> None:
+    """The listener is closed; let requests in flight (and queued) finish within the drain
+    timeout, then close the worker connections cleanly.
+
+    Call it after stopping the sites and before the runner's cleanup (as ``running_server``
+    does): aiohttp's ``pre_shutdown`` stops reading every connection, worker sockets included,
+    so streams in flight would freeze. It also runs ``on_shutdown``, a no-op by then.
+    """
     state, scheduler = app[STATE], app[SCHEDULER]
     if state.jobs_inflight_total or len(scheduler):
         log.info("server_draining", in_flight=state.jobs_inflight_total, queued=len(scheduler))
@@ -55,9 +60,11 @@ async def _drain(app: web.Application) -> None:
         await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
 
 
-def create_metrics_app(state: PoolState) -> web.Application:
-    """``/metrics`` alone, for ``--metrics-port``."""
-    app = web.Application()
+def create_metrics_app(state: PoolState, cfg: ServeConfig) -> web.Application:
+    """``/metrics`` alone, for ``--metrics-port`` (behind the API key with
+    ``metrics_require_key``, as on the main port)."""
+    app = web.Application(middlewares=[middleware.client_auth])
+    app[CONFIG] = cfg
     app[STATE] = state
     app.add_routes([web.get("/metrics", state_api.metrics)])
     return app
@@ -86,11 +93,13 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         queue_timeout=cfg.queue_timeout,
         on_change=state.queue_changed,
     )
+    state.queued_for = app[SCHEDULER].queued_for
     app[SOCKETS] = set()
     app[ACTIVE_REQUESTS] = [0]
     app.add_routes(
         [
             web.get("/healthz", healthz),
+            web.get("/openapi.json", openapi.document),
             web.get(cfg.ws_path, worker_socket),
             # llamapool's own API
             web.get("/api/v1/state", state_api.state),
@@ -118,5 +127,5 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app.cleanup_ctx.append(evict_silent_workers)
     app.cleanup_ctx.append(state_api.broadcast_state)
     app.on_shutdown.append(state_api.release_watchers)
-    app.on_shutdown.append(_drain)
+    app.on_shutdown.append(drain)
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TypeAlias
 
 import attrs
@@ -38,7 +39,9 @@ class Exchange:
     """The response side of one request in flight on a worker.
 
     ``limit`` bounds the body bytes held for a client that reads slower than its worker
-    sends (a peer without flow control); past it the request ends instead of growing memory.
+    sends (a peer without flow control); past it the request ends instead of growing memory,
+    and ``on_overflow`` is called with the request id (so the worker is told to stop at once,
+    not when the stalled client next reads).
     """
 
     __slots__ = (
@@ -47,13 +50,21 @@ class Exchange:
         "buffered",
         "finished",
         "limit",
+        "on_overflow",
         "request_id",
         "worker_ended",
     )
 
-    def __init__(self, request_id: str, *, limit: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        *,
+        limit: int,
+        on_overflow: Callable[[str], None] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.limit = limit
+        self.on_overflow = on_overflow
         self.buffered = 0
         #: Nothing more will come for this request.
         self.finished = False
@@ -72,8 +83,11 @@ class Exchange:
             self.buffered += len(event)
             if self.buffered > self.limit:
                 self._events.clear()
+                self.buffered = 0
                 self.finished = True
                 event = Broken("the client reads too slowly; the response buffer is full")
+                if self.on_overflow is not None:
+                    self.on_overflow(self.request_id)
         self._events.append(event)
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -47,12 +47,22 @@ class WorkerLink:
         self.exchanges: dict[str, Exchange] = {}
         self.ignored = 0
         self._closing: asyncio.Task[bool] | None = None
+        self._cancelling: set[asyncio.Task[None]] = set()
 
     def open(self, request_id: str) -> Exchange:
         # A flow-controlled worker overshoots its window by at most one chunk.
         limit = 2 * FLOW_WINDOW + 1024 * 1024 if self.flow else UNCONTROLLED_BUFFER
-        exchange = self.exchanges[request_id] = Exchange(request_id, limit=limit)
+        exchange = self.exchanges[request_id] = Exchange(
+            request_id, limit=limit, on_overflow=self._overflowed
+        )
         return exchange
+
+    def _overflowed(self, request_id: str) -> None:
+        """A stalled client's buffer is full: stop the worker now (the relay ends the response
+        whenever the client reads again, or REQUEST_TIMEOUT does)."""
+        task = asyncio.ensure_future(self.cancel(request_id))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     @property
     def window(self) -> int:

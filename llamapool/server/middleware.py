@@ -78,6 +78,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(
             flavor_for(request.path), exc.status, _explain(request, exc), headers=headers
         )
+    except web.RequestPayloadError:  # e.g. a body not in its declared Content-Encoding
+        return error_response(
+            flavor_for(request.path),
+            400,
+            "request body could not be decoded",
+            code="invalid_request",
+        )
     except Exception:
         log.exception("request_failed", path=request.path)
         return error_response(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -71,6 +72,8 @@ class PoolState:
         self.jobs_completed_total = 0
         self.jobs_failed_total = 0
         self.queue_len = 0
+        #: Queued requests a worker could take (the scheduler sets it: its ``queued_for``).
+        self.queued_for: Callable[[WorkerHandle], int] = lambda worker: 0
         #: Set while no request is in flight or queued (what a draining server waits for).
         self.idle = asyncio.Event()
         self.idle.set()
@@ -190,7 +193,7 @@ class PoolState:
         """The Go version's ``/api/v1/state`` document."""
         now = time.time()
         mono = time.monotonic()
-        workers = [_worker(r, now, mono) for r in self.records.values()]
+        workers = [_worker(r, now, mono, self.queued_for) for r in self.records.values()]
         workers.sort(key=lambda w: (w["status"] == "gone", w["name"], w["id"]))
         summary = dict.fromkeys(("connected", "working", "idle", "gone"), 0)
         for w in workers:
@@ -221,7 +224,9 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _worker(record: WorkerRecord, now: float, mono: float) -> dict[str, Any]:
+def _worker(
+    record: WorkerRecord, now: float, mono: float, queued_for: Callable[[WorkerHandle], int]
+) -> dict[str, Any]:
     h = record.handle
     processed = record.processed_total
     return {
@@ -241,7 +246,7 @@ def _worker(record: WorkerRecord, now: float, mono: float) -> dict[str, Any]:
         "avg_processing_ms": round(record.processing_ms_total / processed) if processed else 0,
         "inflight": 0 if record.gone_at is not None else h.inflight,
         "failures_total": record.failures_total,
-        "queue_len": h.queue_len,
+        "queue_len": 0 if record.gone_at is not None else queued_for(h),
         "last_error": record.last_error,
         "tokens_in_total": record.tokens_in_total,
         "tokens_out_total": record.tokens_out_total,

@@ -28,6 +28,10 @@ from llamapool.server.validate import check_headers
 
 log = structlog.get_logger("llamapool.server")
 
+#: Seconds past REQUEST_TIMEOUT after which a response still stuck writing to a client that
+#: stopped reading is cut off (a client that reads gets the timeout as an error event before).
+STALL_GRACE = 1.0
+
 
 @attrs.define
 class Trace:
@@ -73,6 +77,8 @@ async def stream_back(
     scanner = UsageScanner()
     consumed = 0
     written = False
+    # A write waits while the client's socket is full: REQUEST_TIMEOUT must bound that too.
+    stalled = asyncio.get_running_loop().call_at(deadlines.end + STALL_GRACE, _cut_off, request)
     try:
         await response.prepare(request)
         event: Event
@@ -103,7 +109,16 @@ async def stream_back(
     except ConnectionResetError:  # the client left; the caller cancels the worker's job
         trace.outcome = CANCELLED
         log.info("client_disconnected", path=request.path)
+    finally:
+        stalled.cancel()
     return response
+
+
+def _cut_off(request: web.Request) -> None:
+    """The request outlived REQUEST_TIMEOUT stuck on a client that reads nothing: drop it."""
+    if request.transport is not None:
+        log.warning("client_cut_off", path=request.path, reason="stopped reading")
+        request.transport.abort()
 
 
 def failure(event: Event) -> str:

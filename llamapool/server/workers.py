@@ -46,10 +46,11 @@ MAX_IGNORED = 100
 
 def key_matches(given: str, keys: tuple[str, ...]) -> bool:
     """Constant-time check of ``given`` against every accepted key."""
-    given_b = given.encode()
+    # A header that is not UTF-8 arrives surrogate-escaped: compare it, never fail on it.
+    given_b = given.encode("utf-8", "surrogatepass")
     found = False
     for key in keys:
-        found |= hmac.compare_digest(given_b, key.encode())
+        found |= hmac.compare_digest(given_b, key.encode("utf-8", "surrogatepass"))
     return found
 
 
@@ -58,7 +59,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     cfg = request.app[CONFIG]
     if len(request.app[SOCKETS]) >= cfg.max_workers:
         log.warning("worker_rejected", reason="too_many_workers")
-        raise web.HTTPServiceUnavailable(text="too many workers are connected")
+        raise web.HTTPServiceUnavailable(reason="too many workers are connected")
     ws = web.WebSocketResponse(max_msg_size=cfg.max_body_size + _FRAME_SLACK)
     await ws.prepare(request)
     register = await _receive_register(ws, cfg.register_timeout)
