@@ -117,7 +117,7 @@ def _known_label_values() -> dict[str, set[str]]:
     """Label values the code sets, for the labels whose values it enumerates."""
     build = build_info()
     metrics = ServerMetrics(build)
-    state.PoolState(Pool(), metrics, build).worker_status_changed()  # sets every status
+    state.PoolState(Pool(), metrics, build)  # sets every status at 0
     samples = [s for family in metrics.registry.collect() for s in family.samples]
     reasons = {RoutingError.reason} | {cls.reason for cls in _subclasses(RoutingError)}
     reasons.add("unauthorized")  # llamapool.server.middleware.client_auth

@@ -223,8 +223,8 @@ def assert_error_shape(path: str, body: Any) -> None:
 
 
 #: Conditional and range requests on the dashboard's static files answer as HTTP caches and
-#: browsers expect, with no body at all; so does a missing asset (see the xfail test below).
-_STATIC_STATUSES = {304, 404, 412, 416}
+#: browsers expect, with no body at all.
+_STATIC_STATUSES = {304, 412, 416}
 
 
 async def fetch(
@@ -450,11 +450,6 @@ async def test_an_unknown_method_answers_json(pool_server: PoolServer) -> None:
     assert_sane("FROB", "/v1/models", status, content_type, raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web.static answers a missing file under /dashboard/assets/ with an empty "
-    "application/octet-stream 404 from FileResponse.prepare, after the middlewares ran",
-)
 async def test_a_missing_dashboard_asset_answers_json_404(pool_server: PoolServer) -> None:
     """A file the dashboard does not have answers 404 JSON like any unknown path."""
     status, content_type, raw, _ = await fetch(

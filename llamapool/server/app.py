@@ -32,6 +32,18 @@ async def healthz(request: web.Request) -> web.Response:
 DASHBOARD = Path(__file__).parent / "dashboard"
 
 
+#: The files the dashboard page loads; nothing else under its folder is served.
+ASSETS = frozenset({"dashboard.css", "dashboard.js"})
+
+
+async def dashboard_asset(request: web.Request) -> web.FileResponse:
+    """``GET /dashboard/assets/{name}``: the page's stylesheet and script."""
+    name = request.match_info["name"]
+    if name not in ASSETS:
+        raise web.HTTPNotFound()
+    return web.FileResponse(DASHBOARD / name)
+
+
 async def dashboard(request: web.Request) -> web.FileResponse:
     """``GET /dashboard/``: the live dashboard page (static; it reads the state stream)."""
     return web.FileResponse(DASHBOARD / "index.html")
@@ -56,8 +68,9 @@ async def drain(app: web.Application) -> None:
         timeout = app[CONFIG].drain_timeout
         await asyncio.wait_for(state.idle.wait(), None if timeout < 0 else timeout)
     sockets = app[SOCKETS]
-    for ws in list(sockets):
-        await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
+    await asyncio.gather(
+        *(ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown") for ws in list(sockets))
+    )
 
 
 def create_metrics_app(state: PoolState, cfg: ServeConfig) -> web.Application:
@@ -107,7 +120,7 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
             web.get("/", to_dashboard),
             web.get("/dashboard", to_dashboard),
             web.get("/dashboard/", dashboard),
-            web.static("/dashboard/assets", DASHBOARD),
+            web.get("/dashboard/assets/{name}", dashboard_asset),
             # OpenAI
             web.post("/v1/chat/completions", openai.chat_completions),
             web.post("/v1/completions", openai.completions),

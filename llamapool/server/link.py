@@ -45,7 +45,10 @@ class WorkerLink:
         #: The worker honours per-request credit (it sends at most what was granted).
         self.flow = flow
         self.exchanges: dict[str, Exchange] = {}
+        #: Malformed or misaddressed messages (too many and the worker is disconnected).
         self.ignored = 0
+        #: Well-formed messages of a type this server does not know (ignored, counted).
+        self.unknown = 0
         self._closing: asyncio.Task[bool] | None = None
         self._cancelling: set[asyncio.Task[None]] = set()
 

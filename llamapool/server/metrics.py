@@ -76,6 +76,12 @@ class ServerMetrics:
             ["status"],
             registry=r,
         )
+        self.model_workers = Gauge(
+            "llamapool_model_workers",
+            "Workers that can take requests for each model now (0 while none can).",
+            ["model"],
+            registry=r,
+        )
         self.rejections = Counter(
             "llamapool_rejections",
             "Requests refused before reaching a worker, by reason.",

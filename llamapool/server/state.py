@@ -72,11 +72,13 @@ class PoolState:
         self.jobs_completed_total = 0
         self.jobs_failed_total = 0
         self.queue_len = 0
+        self._model_labels: set[str] = set()
         #: Queued requests a worker could take (the scheduler sets it: its ``queued_for``).
         self.queued_for: Callable[[WorkerHandle], int] = lambda worker: 0
         #: Set while no request is in flight or queued (what a draining server waits for).
         self.idle = asyncio.Event()
         self.idle.set()
+        self._count_workers()  # every status series exists from the start, at 0
 
     def changed(self) -> None:
         self.version += 1
@@ -86,6 +88,20 @@ class PoolState:
             self.idle.set()
 
     # --- events ------------------------------------------------------------------------------
+
+    def models_changed(self) -> None:
+        """Workers joined, left, or changed models or readiness: recount workers per model.
+
+        A model that loses its last worker stays at 0 (so "no worker for a model" can be
+        alerted on by name) until the server restarts.
+        """
+        counts = {info.id: len(info.workers) for info in self.pool.models()}
+        for model in self._model_labels - counts.keys():
+            self.metrics.model_workers.labels(model).set(0)
+        for model, n in counts.items():
+            self.metrics.model_workers.labels(model).set(n)
+        self._model_labels |= counts.keys()
+        self._count_workers()
 
     def worker_joined(self, worker: WorkerHandle) -> None:
         record = self.records.get(worker.id)
@@ -99,9 +115,6 @@ class PoolState:
         record = self.records.get(worker.id)
         if record is not None and record.handle is worker:
             record.gone_at = time.time()
-        self._count_workers()
-
-    def worker_status_changed(self) -> None:
         self._count_workers()
 
     def request_started(self, worker: WorkerHandle) -> None:

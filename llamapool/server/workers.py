@@ -101,6 +101,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         replaced.link.close_soon("replaced by a new connection")
     state, scheduler = request.app[STATE], request.app[SCHEDULER]
     state.worker_joined(worker)
+    state.models_changed()
     scheduler.dispatch()  # queued requests may be waiting for exactly this worker
     sockets = request.app[SOCKETS]
     sockets.add(ws)
@@ -121,8 +122,9 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         sockets.discard(ws)
         pool.remove(worker)
         state.worker_left(worker)
+        state.models_changed()
         scheduler.dispatch()  # fail waiters for models nobody serves any more
-        state.metrics.worker_messages_ignored.inc(link.ignored)
+        state.metrics.worker_messages_ignored.inc(link.ignored + link.unknown)
         link.break_all("worker disconnected")
         log.info("worker_disconnected", worker_id=worker.id, worker_name=worker.name)
     return ws
@@ -196,16 +198,16 @@ async def _serve(
                     log.warning("worker_models_rejected", worker_id=worker.id, reason=str(exc))
                     continue
                 pool.set_models(worker, models)
-                state.changed()
+                state.models_changed()
                 scheduler.dispatch()
                 log.info("worker_models_updated", worker_id=worker.id, models=len(models))
             case StatusUpdate(status=status):
                 _set_status(worker, status, scheduler)
-                state.worker_status_changed()
+                state.models_changed()
             case Heartbeat():
                 state.changed()
-            case None:
-                pass
+            case None:  # a type we do not know: an extension of a newer peer, not garbage
+                link.unknown += 1
             case _:
                 link.ignored += 1
 
