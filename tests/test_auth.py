@@ -355,7 +355,16 @@ async def test_a_loopback_server_without_keys_starts_without_a_warning() -> None
 # --- which routes are open ------------------------------------------------------------------
 
 #: Everything that answers without a key: probes, the dashboard's static page, the worker door.
-OPEN = {"/healthz", "/metrics", "/openapi.json", "/", "/dashboard", "/dashboard/", DEFAULT_WS_PATH}
+OPEN = {
+    "/healthz",
+    "/metrics",
+    "/openapi.json",
+    "/",
+    "/dashboard",
+    "/dashboard/",
+    "/dashboard/assets/{name}",
+    DEFAULT_WS_PATH,
+}
 
 
 def protected_routes() -> list[tuple[str, str]]:

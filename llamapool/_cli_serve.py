@@ -1,0 +1,239 @@
+"""``llamapool serve``: its options and the settings they resolve to."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import click
+
+from llamapool._cli_options import (
+    PORT,
+    apply_log_settings,
+    config_fields,
+    duration,
+    env_file_option,
+    log_options,
+    log_settings,
+    option,
+    secret,
+)
+from llamapool._cli_types import ByteSize, format_size
+from llamapool.config import ServeConfig
+from llamapool.errors import ConfigError
+from llamapool.log import LogSettings
+
+
+def _serve_default(name: str) -> Any:
+    """The default of a :class:`ServeConfig` field: the config class is the one source."""
+    return attrs.fields_dict(ServeConfig)[name].default
+
+
+@attrs.frozen
+class ServeSettings:
+    """Everything ``llamapool serve`` needs to run."""
+
+    config: ServeConfig
+    log: LogSettings
+    demo: bool = False
+
+
+def serve_settings(params: Mapping[str, Any]) -> ServeSettings:
+    """Settings from the resolved ``serve`` options (flag, environment, file or default)."""
+    demo = bool(params["demo"])
+    fields = config_fields(ServeConfig, params, api_key="api_keys", worker_key="worker_keys")
+    fields["api_keys"] = _keys(params["api_key"], params["api_key_file"])
+    fields["worker_keys"] = _keys(params["worker_key"], params["worker_key_file"])
+    fields["host"] = fields["host"] or ("127.0.0.1" if demo else "0.0.0.0")
+    return ServeSettings(ServeConfig(**fields), log_settings(params), demo)
+
+
+def _keys(listed: str, path: str) -> tuple[str, ...]:
+    """Keys from a comma-separated value plus a file of one key per line (``#`` comments).
+
+    Several keys are accepted at once so an operator can rotate them without downtime.
+    """
+    keys = [k.strip() for k in listed.split(",") if k.strip()]
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+        keys += [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+    return tuple(dict.fromkeys(keys))
+
+
+@click.command(context_settings={"show_default": True})
+@option(
+    "--host",
+    envvar="HOST",
+    default=None,
+    help="Address to listen on.  [default: 0.0.0.0; 127.0.0.1 with --demo]",
+)
+@option(
+    "--port",
+    envvar="PORT",
+    type=PORT,
+    default=_serve_default("port"),
+    help="Port for the API and the worker socket (0: any free port).",
+)
+@option(
+    "--metrics-port",
+    envvar="METRICS_PORT",
+    type=PORT,
+    default=None,
+    help="Serve /metrics on this port instead.  [default: /metrics on --port]",
+)
+@secret(
+    "--api-key",
+    envvar="API_KEY",
+    help="Key(s) clients must send as 'Authorization: Bearer'; comma-separated.",
+)
+@option(
+    "--api-key-file",
+    envvar="API_KEY_FILE",
+    default="",
+    show_default=False,
+    help="File of client keys, one per line (added to --api-key; for rotation).",
+)
+@secret("--worker-key", envvar="WORKER_KEY", help="Key(s) workers must register with.")
+@option(
+    "--worker-key-file",
+    envvar="WORKER_KEY_FILE",
+    default="",
+    show_default=False,
+    help="File of worker keys, one per line (added to --worker-key).",
+)
+@option(
+    "--ws-path",
+    envvar="WS_PATH",
+    default=_serve_default("ws_path"),
+    help="Path of the worker WebSocket endpoint.",
+)
+@duration(
+    "--request-timeout",
+    "REQUEST_TIMEOUT",
+    _serve_default("request_timeout"),
+    "Longest a request may take, start to end.",
+    zero=False,
+)
+@option(
+    "--max-body-size",
+    envvar="MAX_BODY_SIZE",
+    type=ByteSize(),
+    default=format_size(_serve_default("max_body_size")),
+    help="Largest request body accepted from a client.",
+)
+@duration(
+    "--idle-timeout",
+    "IDLE_TIMEOUT",
+    _serve_default("idle_timeout"),
+    "End a stream when its worker sends nothing for this long.",
+    zero=False,
+)
+@option(
+    "--queue-size",
+    envvar="QUEUE_SIZE",
+    type=click.IntRange(min=0),
+    default=_serve_default("queue_size"),
+    help="Requests that may wait per model while its workers are busy (0: none).",
+)
+@duration(
+    "--queue-timeout",
+    "QUEUE_TIMEOUT",
+    _serve_default("queue_timeout"),
+    "Longest a request waits in the queue before a 503.",
+)
+@duration(
+    "--drain-timeout",
+    "DRAIN_TIMEOUT",
+    _serve_default("drain_timeout"),
+    "On SIGTERM, time in-flight requests get to finish (0: stop at once; -1: wait forever).",
+    forever=True,
+)
+@duration(
+    "--worker-timeout",
+    "WORKER_TIMEOUT",
+    _serve_default("worker_timeout"),
+    "Evict a worker silent for this long.",
+    zero=False,
+)
+@duration(
+    "--register-timeout",
+    "REGISTER_TIMEOUT",
+    _serve_default("register_timeout"),
+    "Time a new worker connection has to register.",
+    zero=False,
+)
+@option(
+    "--max-attempts",
+    envvar="MAX_ATTEMPTS",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_attempts"),
+    help="Workers one request may be tried on when workers vanish before answering.",
+)
+@duration(
+    "--gone-retention",
+    "GONE_RETENTION",
+    _serve_default("gone_retention"),
+    "How long a departed worker stays listed as 'gone' in the state API.",
+)
+@option(
+    "--tls-cert",
+    envvar="TLS_CERT",
+    default="",
+    show_default=False,
+    help="PEM certificate chain: serve HTTPS and WSS on the same port (with --tls-key).",
+)
+@option(
+    "--tls-key",
+    envvar="TLS_KEY",
+    default="",
+    show_default=False,
+    help="PEM private key of --tls-cert.",
+)
+@option(
+    "--metrics-require-key",
+    envvar="METRICS_REQUIRE_KEY",
+    is_flag=True,
+    help="Require the API key on /metrics too (open by default, as in Go).",
+)
+@option(
+    "--max-connections",
+    envvar="MAX_CONNECTIONS",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_connections"),
+    help="Client requests handled at once; more are answered 503.",
+)
+@option(
+    "--max-workers",
+    envvar="MAX_WORKERS",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_workers"),
+    help="Worker connections at once; more are refused.",
+)
+@option(
+    "--max-models-per-worker",
+    envvar="MAX_MODELS_PER_WORKER",
+    type=click.IntRange(min=1),
+    default=_serve_default("max_models_per_worker"),
+    help="Models one worker may advertise.",
+)
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Also run a built-in demo worker (echo model 'demo') and print a curl line.",
+)
+@env_file_option
+@log_options()
+def serve(**params: Any) -> None:
+    """Run the server clients and workers connect to."""
+    from llamapool import run
+
+    settings = serve_settings(params)
+    apply_log_settings(settings.log, "server.log")
+    cfg = settings.config
+    asyncio.run(run.demo(cfg) if settings.demo else run.serve(cfg))
