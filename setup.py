@@ -30,6 +30,8 @@ class StampedBuild(build_py):  # type: ignore[misc]
     def run(self) -> None:
         super().run()
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # The build's own time: a wheel records when it was made, an editable install (no
+        # build) reports its last commit's time instead.
         target = pathlib.Path(self.build_lib) / "llamapool" / "_build_info.py"
         target.write_text(f'SHA = "{_git_sha()}"\nDATE = "{date}"\n')
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,14 +45,15 @@ def build_info() -> BuildInfo:
 def _from_git() -> tuple[str, str]:
     try:
         out = subprocess.run(
-            ["git", "log", "-1", "--format=%h %cI"],
+            ["git", "log", "-1", "--abbrev=12", "--format=%h %ct"],
             capture_output=True,
             text=True,
             check=True,
             timeout=5,
             cwd=Path(__file__).parent,
         )
-        sha, date = out.stdout.split()
+        sha, stamp = out.stdout.split()
+        date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(stamp)))
     except (OSError, subprocess.SubprocessError, ValueError):
         return "unknown", "unknown"
     return sha, date

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import attrs
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -145,7 +146,7 @@ _TRACEBACKS = (
 
 def _formatter(*, json: bool, foreign: list[Processor]) -> logging.Formatter:
     last: list[Processor] = (
-        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_dumps)]
         if json
         else [
             structlog.dev.ConsoleRenderer(colors=_stderr_is_tty(), exception_formatter=_TRACEBACKS)
@@ -206,3 +207,8 @@ class _StderrHandler(logging.Handler):
             stream.flush()
         except Exception:
             self.handleError(record)
+
+
+def _dumps(data: object, **_: object) -> str:
+    """orjson for log lines: several times faster than json, on every request's summary."""
+    return orjson.dumps(data, default=str).decode()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import attrs
 import structlog
@@ -104,9 +106,16 @@ def _warn_if_open(cfg: ServeConfig) -> None:
 
 
 async def serve(cfg: ServeConfig) -> None:
+    """The server until SIGTERM or SIGINT: the first drains, a second stops at once."""
     stop = _stop_event()
-    async with running_server(cfg):
-        await stop.wait()
+    main = cast("asyncio.Task[None]", asyncio.current_task())
+    try:
+        async with running_server(cfg):
+            await stop.wait()
+            _on_signals(functools.partial(_cancel, main))  # a second signal: stop now
+    except asyncio.CancelledError:
+        log.warning("server_stopped_without_draining")
+        return
     log.info("server_stopped")
 
 
@@ -138,6 +147,10 @@ async def work(cfg: WorkConfig) -> None:
     for task in draining:
         task.cancel()
     log.info("worker_stopped")
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
 
 
 def _on_signals(callback: Callable[[], None]) -> None:

@@ -23,9 +23,9 @@ from llamapool.config import DEFAULT_WS_PATH, ServeConfig, WorkConfig
 from llamapool.errors import ConfigError
 from llamapool.log import configure_logging, reset_logging
 from llamapool.run import _warn_if_open, running_server
-from llamapool.server import middleware
+from llamapool.server import middleware, workers
 from llamapool.server.app import create_app
-from llamapool.server.workers import key_matches, worker_socket
+from llamapool.server.workers import key_matches
 from llamapool.testing import create_fake_ollama_app, serve_app
 from llamapool.worker.agent import Agent
 from llamapool.worker.status import serving_status
@@ -99,7 +99,7 @@ def test_key_matches_compares_with_hmac_compare_digest_against_every_key() -> No
 def test_clients_and_workers_are_both_checked_with_key_matches() -> None:
     """The client middleware and the worker socket both compare keys through key_matches."""
     assert "key_matches(" in inspect.getsource(middleware.client_auth)
-    assert "key_matches(" in inspect.getsource(worker_socket)
+    assert "key_matches(" in inspect.getsource(workers._admit)
 
 
 async def test_a_key_that_is_not_utf8_is_refused_with_401(pool_server: PoolServer) -> None:

@@ -284,7 +284,7 @@ GARBAGE: st.SearchStrategy[str | bytes] = st.one_of(
 
 
 def ignored(frame: str | bytes) -> bool:
-    """Whether the server counts ``frame`` as ignored on a worker that was given no request."""
+    """Whether the server counts ``frame`` in llamapool_worker_messages_ignored_total."""
     if isinstance(frame, bytes):
         return True  # a binary frame can only be a chunk of a request: there is none
     try:
@@ -297,7 +297,8 @@ def ignored(frame: str | bytes) -> bool:
         except Invalid:
             return True
         return False
-    return not isinstance(message, (Heartbeat, StatusUpdate, type(None)))
+    # Unknown types (None) are counted too, apart from garbage; only these two are not.
+    return not isinstance(message, (Heartbeat, StatusUpdate))
 
 
 _IGNORED_TOTAL = re.compile(r"^llamapool_worker_messages_ignored_total (\S+)$", re.MULTILINE)

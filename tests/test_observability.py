@@ -150,7 +150,7 @@ async def test_counters_equal_what_happened(
         ls["model"]: m.value(ttfb, **ls) for ls in m.labels(ttfb)
     }
     assert 0 == m.value("llamapool_requests_in_flight")
-    assert {"idle": 3, "working": 0, "draining": 0, "gone": 0} == {
+    assert {"idle": 3, "working": 0, "draining": 0, "not_ready": 0, "gone": 0} == {
         ls["status"]: m.value("llamapool_workers", **ls) for ls in m.labels("llamapool_workers")
     }
     assert {"no_worker": 2, "unauthorized": 1} == {
@@ -325,7 +325,7 @@ async def test_the_workers_gauge_follows_each_status(
         }
 
     def only(status: str) -> dict[str, float]:
-        return {s: float(s == status) for s in ("idle", "working", "draining", "gone")}
+        return {s: float(s == status) for s in ("idle", "working", "draining", "not_ready", "gone")}
 
     seen = [statuses(await scrape(pool_server.url))]
     async with streams_running(pool_server, 1):

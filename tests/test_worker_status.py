@@ -22,6 +22,7 @@ from .observability_helpers import (
     MODEL,
     FixedModels,
     Metrics,
+    StartServer,
     StartWorker,
     chat,
     get_json,
@@ -199,10 +200,12 @@ async def test_a_backend_error_counts_as_a_failed_job(
 
 
 async def test_a_backend_that_goes_down_and_comes_back(
-    aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
+    aiohttp_server: AiohttpServer, start_server: StartServer, start_worker: StartWorker
 ) -> None:
-    """While the backend is down the worker says not_ready and the server stops routing to it;
-    once it is back, its models return and requests are served again."""
+    """While the backend is down the worker says not_ready and the server stops routing to it
+    (requests wait for it, then get 503); once it is back, its models return and requests are
+    served again."""
+    pool_server = await start_server(queue_timeout=0.3)
     runtime = await aiohttp_server(create_fake_ollama_app(models=[MODEL]))
     port = runtime.port
     agent = await start_worker(pool_server, "ollama", backend_url=url_of(runtime))
@@ -228,7 +231,7 @@ async def test_a_backend_that_goes_down_and_comes_back(
     up_metrics = await scrape(base)
     served, _ = await post(pool_server, "/api/chat", chat("back", stream=False))
 
-    assert (502, 404, 200) == (refused, while_down, served)
+    assert (502, 503, 200) == (refused, while_down, served)
     assert ("not_ready", False, False, True) == (
         down["state"],
         down["connected_to_backend"],

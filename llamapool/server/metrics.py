@@ -72,7 +72,7 @@ class ServerMetrics:
         )
         self.workers = Gauge(
             "llamapool_workers",
-            "Workers known to the server, by status (working, idle, draining, gone).",
+            "Workers known to the server, by status (working, idle, draining, not_ready, gone).",
             ["status"],
             registry=r,
         )

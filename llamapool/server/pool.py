@@ -159,6 +159,9 @@ class Pool:
         self._index: dict[str, dict[frozenset[str] | None, _Buckets]] = {}
         self._first_seen: dict[str, int] = {}
         self._picks = 0
+        #: Models of connected workers that cannot take requests right now (draining, backend
+        #: down), with how many such workers: requests for them wait instead of failing.
+        self._parked: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -176,6 +179,7 @@ class Pool:
             self.remove(old)
         self._workers[worker.id] = worker
         self._link(worker, worker.models)
+        self._park(worker, +1)
         return old
 
     def remove(self, worker: WorkerHandle) -> bool:
@@ -184,26 +188,35 @@ class Pool:
             return False
         del self._workers[worker.id]
         self._unlink(worker)
+        self._park(worker, -1)
         return True
 
     def set_models(self, worker: WorkerHandle, models: Iterable[str]) -> None:
         """Replace the models a connected worker serves."""
+        connected = self._workers.get(worker.id) is worker
         self._unlink(worker)
+        if connected:
+            self._park(worker, -1)
         worker.models = frozenset(models)
-        if self._workers.get(worker.id) is worker:
+        if connected:
             self._link(worker, worker.models)
+            self._park(worker, +1)
 
     def set_status(
         self, worker: WorkerHandle, *, draining: bool | None = None, ready: bool | None = None
     ) -> None:
         """Take a worker out of routing (draining, backend down) or put it back."""
+        connected = self._workers.get(worker.id) is worker
         self._unlink(worker)
+        if connected:
+            self._park(worker, -1)
         if draining is not None:
             worker.draining = draining
         if ready is not None:
             worker.ready = ready
-        if self._workers.get(worker.id) is worker:
+        if connected:
             self._link(worker, worker.models)
+            self._park(worker, +1)
 
     def acquire(
         self, model: str, path: str, *, exclude: Collection[WorkerHandle] = ()
@@ -250,6 +263,9 @@ class Pool:
                 return best
             if eligible:
                 raise WorkersBusyError(f"every worker serving {name!r} is busy")
+        for name in fallback_names(model):
+            if self._parked.get(name):
+                raise WorkersBusyError(f"no worker serving {name!r} can take requests right now")
         raise NoWorkerError(f"no worker serves model {model!r} at {path}")
 
     def release(self, worker: WorkerHandle) -> None:
@@ -275,6 +291,17 @@ class Pool:
         ]
 
     # bookkeeping ---------------------------------------------------------------------------
+
+    def _park(self, worker: WorkerHandle, delta: int) -> None:
+        """Count (or uncount) the models of a connected worker that is not routable."""
+        if worker.routable:
+            return
+        for model in worker.models:
+            count = self._parked.get(model, 0) + delta
+            if count > 0:
+                self._parked[model] = count
+            else:
+                self._parked.pop(model, None)
 
     def _move(self, worker: WorkerHandle, delta: int) -> None:
         for buckets in worker._buckets:

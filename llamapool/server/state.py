@@ -45,6 +45,8 @@ class WorkerRecord:
     tokens_in_total: int = 0
     tokens_out_total: int = 0
     per_model: dict[str, ModelTally] = attrs.Factory(dict)
+    #: The status this record is counted under in the workers gauge.
+    counted_as: str = ""
 
     @property
     def status(self) -> str:
@@ -52,6 +54,8 @@ class WorkerRecord:
             return "gone"
         if self.handle.draining:
             return "draining"
+        if not self.handle.ready:
+            return "not_ready"
         return "working" if self.handle.inflight else "idle"
 
 
@@ -73,6 +77,7 @@ class PoolState:
         self.jobs_failed_total = 0
         self.queue_len = 0
         self._model_labels: set[str] = set()
+        self._status_counts: dict[str, int] = {}
         #: Queued requests a worker could take (the scheduler sets it: its ``queued_for``).
         self.queued_for: Callable[[WorkerHandle], int] = lambda worker: 0
         #: Set while no request is in flight or queued (what a draining server waits for).
@@ -120,7 +125,7 @@ class PoolState:
     def request_started(self, worker: WorkerHandle) -> None:
         self.jobs_inflight_total += 1
         self.metrics.requests_in_flight.inc()
-        self._count_workers()
+        self._recount(worker)
 
     def request_finished(
         self,
@@ -165,7 +170,7 @@ class PoolState:
                 record.tokens_out_total += usage.tokens_out
                 tally.tokens_in_total += usage.tokens_in
                 tally.tokens_out_total += usage.tokens_out
-        self._count_workers()
+        self._recount(worker)
 
     def rejected(self, reason: str) -> None:
         """A request refused before any worker saw it (no_worker, busy, unauthorized, ...)."""
@@ -195,11 +200,26 @@ class PoolState:
             self._count_workers()
 
     def _count_workers(self) -> None:
-        counts = dict.fromkeys(("working", "idle", "draining", "gone"), 0)
+        """Recount every worker by status (joins, leaves, status changes: rare events)."""
+        counts = dict.fromkeys(("working", "idle", "draining", "not_ready", "gone"), 0)
         for record in self.records.values():
-            counts[record.status] += 1
+            record.counted_as = record.status
+            counts[record.counted_as] += 1
         for status, n in counts.items():
             self.metrics.workers.labels(status).set(n)
+        self._status_counts = counts
+        self.changed()
+
+    def _recount(self, worker: WorkerHandle) -> None:
+        """Move one worker between status counts (every request: O(1), not O(workers))."""
+        record = self.records.get(worker.id)
+        if record is not None and record.handle is worker and record.status != record.counted_as:
+            counts = self._status_counts
+            counts[record.counted_as] -= 1
+            self.metrics.workers.labels(record.counted_as).set(counts[record.counted_as])
+            record.counted_as = record.status
+            counts[record.counted_as] += 1
+            self.metrics.workers.labels(record.counted_as).set(counts[record.counted_as])
         self.changed()
 
     def snapshot(self) -> dict[str, Any]:

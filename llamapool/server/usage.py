@@ -17,7 +17,8 @@ import attrs
 _FIELDS = re.compile(
     rb'"(prompt_tokens|completion_tokens|prompt_eval_count|eval_count)"\s*:\s*(\d+)'
 )
-_MARKER = re.compile(rb'_tokens"|eval_count"')
+#: Two literal searches: far cheaper than one alternation, which tries every byte.
+_MARKERS = (re.compile(rb'_tokens"'), re.compile(rb'eval_count"'))
 #: Longer than any ``"field": number`` we look for, so a field split across chunks is found.
 _OVERLAP = 64
 
@@ -40,9 +41,9 @@ class UsageScanner:
     def feed(self, chunk: bytes | memoryview) -> None:
         """Look at one chunk (regular expressions read memoryviews without copying them)."""
         seam = self._tail + bytes(chunk[:_OVERLAP])
-        if _MARKER.search(seam):
+        if _marked(seam):
             self._scan(seam)
-        if _MARKER.search(chunk):
+        if _marked(chunk):
             self._scan(chunk)
         self._tail = seam[-_OVERLAP:] if len(chunk) <= _OVERLAP else bytes(chunk[-_OVERLAP:])
 
@@ -58,3 +59,7 @@ class UsageScanner:
         if b"prompt_eval_count" in f or b"eval_count" in f:
             return Usage(f.get(b"prompt_eval_count", 0), f.get(b"eval_count", 0))
         return None
+
+
+def _marked(data: bytes | memoryview) -> bool:
+    return any(marker.search(data) for marker in _MARKERS)

@@ -12,6 +12,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from llamapool import __version__, protocol
+from llamapool.config import ServeConfig
 from llamapool.errors import ProtocolError
 from llamapool.protocol import (
     FEATURE_BINARY_FRAMES,
@@ -55,27 +56,47 @@ def key_matches(given: str, keys: tuple[str, ...]) -> bool:
 
 
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
-    """``GET {WS_PATH}``: one worker's connection for as long as it stays."""
-    cfg = request.app[CONFIG]
-    if len(request.app[SOCKETS]) >= cfg.max_workers:
+    """``GET {WS_PATH}``: one worker's connection for as long as it stays.
+
+    A connection counts against ``max_workers`` from the moment it opens, so sockets that
+    never register cannot pile up either.
+    """
+    cfg, sockets = request.app[CONFIG], request.app[SOCKETS]
+    if len(sockets) >= cfg.max_workers:
         log.warning("worker_rejected", reason="too_many_workers")
         raise web.HTTPServiceUnavailable(reason="too many workers are connected")
     ws = web.WebSocketResponse(max_msg_size=cfg.max_body_size + _FRAME_SLACK)
     await ws.prepare(request)
+    sockets.add(ws)
+    try:
+        register = await _admit(ws, cfg)
+        if register is not None:
+            await _session(request.app, ws, register)
+    finally:
+        sockets.discard(ws)
+    return ws
+
+
+async def _admit(ws: web.WebSocketResponse, cfg: ServeConfig) -> Register | None:
+    """The worker's register message if its key and its strings are acceptable; otherwise the
+    socket is closed with 1008 and a reason."""
     register = await _receive_register(ws, cfg.register_timeout)
     if register is None:
-        return ws
+        return None
     if cfg.worker_keys and not key_matches(register.key, cfg.worker_keys):
         log.warning("worker_rejected", reason="bad_worker_key")
         await ws.close(code=CLOSE_POLICY, message=b"unauthorized")
-        return ws
+        return None
     try:
-        register = check_register(register, max_models=cfg.max_models_per_worker)
+        return check_register(register, max_models=cfg.max_models_per_worker)
     except Invalid as exc:
         log.warning("worker_rejected", reason=str(exc))
         await ws.close(code=CLOSE_POLICY, message=str(exc).encode()[:120])
-        return ws
+        return None
 
+
+async def _session(app: web.Application, ws: web.WebSocketResponse, register: Register) -> None:
+    """A registered worker: in the pool until its socket closes."""
     features = sorted(set(register.features) & set(FEATURES))
     link = WorkerLink(
         ws,
@@ -95,16 +116,13 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         backend=register.backend,
         protocol=register.protocol,
     )
-    pool = request.app[POOL]
+    pool, state, scheduler = app[POOL], app[STATE], app[SCHEDULER]
     replaced = pool.add(worker)
     if replaced is not None:
         replaced.link.close_soon("replaced by a new connection")
-    state, scheduler = request.app[STATE], request.app[SCHEDULER]
     state.worker_joined(worker)
     state.models_changed()
     scheduler.dispatch()  # queued requests may be waiting for exactly this worker
-    sockets = request.app[SOCKETS]
-    sockets.add(ws)
     if register.protocol:  # a llamapool-py worker: say which extensions we will use
         await ws.send_str(protocol.encode(Registered(features=features, version=__version__)))
     log.info(
@@ -117,9 +135,9 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         features=features,
     )
     try:
-        await _serve(ws, worker, link, scheduler, state, max_models=cfg.max_models_per_worker)
+        max_models = app[CONFIG].max_models_per_worker
+        await _serve(ws, worker, link, scheduler, state, max_models=max_models)
     finally:
-        sockets.discard(ws)
         pool.remove(worker)
         state.worker_left(worker)
         state.models_changed()
@@ -127,7 +145,6 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         state.metrics.worker_messages_ignored.inc(link.ignored + link.unknown)
         link.break_all("worker disconnected")
         log.info("worker_disconnected", worker_id=worker.id, worker_name=worker.name)
-    return ws
 
 
 async def _receive_register(ws: web.WebSocketResponse, timeout: float) -> Register | None:
