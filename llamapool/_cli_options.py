@@ -118,3 +118,8 @@ def apply_log_settings(settings: LogSettings, file_name: str) -> None:
     configure_logging(
         settings.level, fmt=settings.format, log_dir=settings.dir, file_name=file_name
     )
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of a config class's field: the config class is the one source of them."""
+    return attrs.fields_dict(cls)[name].default

@@ -16,6 +16,7 @@ from llamapool._cli_options import (
     config_fields,
     duration,
     env_file_option,
+    field_default,
     log_options,
     log_settings,
     option,
@@ -25,11 +26,6 @@ from llamapool._cli_types import ByteSize, format_size
 from llamapool.config import ServeConfig
 from llamapool.errors import ConfigError
 from llamapool.log import LogSettings
-
-
-def _serve_default(name: str) -> Any:
-    """The default of a :class:`ServeConfig` field: the config class is the one source."""
-    return attrs.fields_dict(ServeConfig)[name].default
 
 
 @attrs.frozen
@@ -77,7 +73,7 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     "--port",
     envvar="PORT",
     type=PORT,
-    default=_serve_default("port"),
+    default=field_default(ServeConfig, "port"),
     help="Port for the API and the worker socket (0: any free port).",
 )
 @option(
@@ -110,13 +106,13 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
 @option(
     "--ws-path",
     envvar="WS_PATH",
-    default=_serve_default("ws_path"),
+    default=field_default(ServeConfig, "ws_path"),
     help="Path of the worker WebSocket endpoint.",
 )
 @duration(
     "--request-timeout",
     "REQUEST_TIMEOUT",
-    _serve_default("request_timeout"),
+    field_default(ServeConfig, "request_timeout"),
     "Longest a request may take, start to end.",
     zero=False,
 )
@@ -124,13 +120,13 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     "--max-body-size",
     envvar="MAX_BODY_SIZE",
     type=ByteSize(),
-    default=format_size(_serve_default("max_body_size")),
+    default=format_size(field_default(ServeConfig, "max_body_size")),
     help="Largest request body accepted from a client.",
 )
 @duration(
     "--idle-timeout",
     "IDLE_TIMEOUT",
-    _serve_default("idle_timeout"),
+    field_default(ServeConfig, "idle_timeout"),
     "End a stream when its worker sends nothing for this long.",
     zero=False,
 )
@@ -138,33 +134,33 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     "--queue-size",
     envvar="QUEUE_SIZE",
     type=click.IntRange(min=0),
-    default=_serve_default("queue_size"),
+    default=field_default(ServeConfig, "queue_size"),
     help="Requests that may wait per model while its workers are busy (0: none).",
 )
 @duration(
     "--queue-timeout",
     "QUEUE_TIMEOUT",
-    _serve_default("queue_timeout"),
+    field_default(ServeConfig, "queue_timeout"),
     "Longest a request waits in the queue before a 503.",
 )
 @duration(
     "--drain-timeout",
     "DRAIN_TIMEOUT",
-    _serve_default("drain_timeout"),
+    field_default(ServeConfig, "drain_timeout"),
     "On SIGTERM, time in-flight requests get to finish (0: stop at once; -1: wait forever).",
     forever=True,
 )
 @duration(
     "--worker-timeout",
     "WORKER_TIMEOUT",
-    _serve_default("worker_timeout"),
+    field_default(ServeConfig, "worker_timeout"),
     "Evict a worker silent for this long.",
     zero=False,
 )
 @duration(
     "--register-timeout",
     "REGISTER_TIMEOUT",
-    _serve_default("register_timeout"),
+    field_default(ServeConfig, "register_timeout"),
     "Time a new worker connection has to register.",
     zero=False,
 )
@@ -172,13 +168,13 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     "--max-attempts",
     envvar="MAX_ATTEMPTS",
     type=click.IntRange(min=1),
-    default=_serve_default("max_attempts"),
+    default=field_default(ServeConfig, "max_attempts"),
     help="Workers one request may be tried on when workers vanish before answering.",
 )
 @duration(
     "--gone-retention",
     "GONE_RETENTION",
-    _serve_default("gone_retention"),
+    field_default(ServeConfig, "gone_retention"),
     "How long a departed worker stays listed as 'gone' in the state API.",
 )
 @option(
@@ -205,21 +201,21 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     "--max-connections",
     envvar="MAX_CONNECTIONS",
     type=click.IntRange(min=1),
-    default=_serve_default("max_connections"),
+    default=field_default(ServeConfig, "max_connections"),
     help="Client requests handled at once; more are answered 503.",
 )
 @option(
     "--max-workers",
     envvar="MAX_WORKERS",
     type=click.IntRange(min=1),
-    default=_serve_default("max_workers"),
+    default=field_default(ServeConfig, "max_workers"),
     help="Worker connections at once; more are refused.",
 )
 @option(
     "--max-models-per-worker",
     envvar="MAX_MODELS_PER_WORKER",
     type=click.IntRange(min=1),
-    default=_serve_default("max_models_per_worker"),
+    default=field_default(ServeConfig, "max_models_per_worker"),
     help="Models one worker may advertise.",
 )
 @click.option(

@@ -16,6 +16,7 @@ from llamapool._cli_options import (
     config_fields,
     duration,
     env_file_option,
+    field_default,
     log_options,
     log_settings,
     option,
@@ -24,11 +25,6 @@ from llamapool._cli_options import (
 from llamapool._cli_types import HostPort
 from llamapool.config import WorkConfig
 from llamapool.log import LogSettings
-
-
-def _work_default(name: str) -> Any:
-    """The default of a :class:`WorkConfig` field."""
-    return attrs.fields_dict(WorkConfig)[name].default
 
 
 def _load_config(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
@@ -71,14 +67,14 @@ def work_settings(params: Mapping[str, Any]) -> WorkSettings:
 @option(
     "--server-url",
     envvar="SERVER_URL",
-    default=_work_default("server_url"),
+    default=field_default(WorkConfig, "server_url"),
     help="The server's worker WebSocket URL (ws:// or wss://).",
 )
 @secret("--worker-key", envvar="WORKER_KEY", help="Key to register with.")
 @option(
     "--backend",
     envvar="BACKEND",
-    default=_work_default("backend"),
+    default=field_default(WorkConfig, "backend"),
     help="Backend plugin: ollama, vllm, openwebui, demo, or a third-party one.",
 )
 @option(
@@ -101,7 +97,7 @@ def work_settings(params: Mapping[str, Any]) -> WorkSettings:
     "--max-concurrency",
     envvar="MAX_CONCURRENCY",
     type=click.IntRange(min=1),
-    default=_work_default("max_concurrency"),
+    default=field_default(WorkConfig, "max_concurrency"),
     help="Requests this worker serves at once.",
 )
 @option(
@@ -137,28 +133,28 @@ def work_settings(params: Mapping[str, Any]) -> WorkSettings:
 @duration(
     "--drain-timeout",
     "DRAIN_TIMEOUT",
-    _work_default("drain_timeout"),
+    field_default(WorkConfig, "drain_timeout"),
     "On SIGTERM, time in-flight requests get to finish (0: exit at once; -1: wait forever).",
     forever=True,
 )
 @duration(
     "--probe-interval",
     "PROBE_INTERVAL",
-    _work_default("probe_interval"),
+    field_default(WorkConfig, "probe_interval"),
     "Time between checks of the backend's health and models.",
     zero=False,
 )
 @duration(
     "--reconnect-max",
     "RECONNECT_MAX",
-    _work_default("reconnect_max"),
+    field_default(WorkConfig, "reconnect_max"),
     "Longest wait between two attempts to reach the server.",
     zero=False,
 )
 @duration(
     "--heartbeat-interval",
     "HEARTBEAT_INTERVAL",
-    _work_default("heartbeat_interval"),
+    field_default(WorkConfig, "heartbeat_interval"),
     "Time between heartbeats (the server evicts a worker silent for 15s).",
     zero=False,
 )

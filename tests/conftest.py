@@ -19,6 +19,10 @@ from llamapool.server.pool import Pool
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
 
+#: The types of the ``start_server`` and ``start_worker`` fixtures, for annotations.
+StartServer = Callable[..., Awaitable["PoolServer"]]
+StartWorker = Callable[..., Awaitable[Agent]]
+
 API_KEY = "test-api-key"
 WORKER_KEY = "test-worker-key"
 

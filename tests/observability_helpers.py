@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -15,13 +15,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamapool.plugin_api import BackendSettings
-from llamapool.worker.agent import Agent
 from llamapool_ollama import OllamaBackend
 
 from .conftest import PoolServer
-
-StartServer = Callable[..., Awaitable[PoolServer]]
-StartWorker = Callable[..., Awaitable[Agent]]
 
 MODEL = "llama3:8b"
 #: Seconds a polling helper waits for its condition before it fails the test.

@@ -11,7 +11,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -38,9 +38,6 @@ from .conftest import API_KEY, WORKER_KEY, PoolServer, wait_for
 MODEL = "llama3:8b"
 #: The longest any one step of a test may take (a request, a reconnect, a drain).
 STEP = 5.0
-
-StartServer = Callable[..., Awaitable[PoolServer]]
-StartWorker = Callable[..., Awaitable[Agent]]
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -28,12 +27,8 @@ from llamapool.protocol import (
     encode,
 )
 from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app, fake_log
-from llamapool.worker.agent import Agent
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer, wait_for
-
-StartServer = Callable[..., Awaitable[PoolServer]]
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import API_KEY, WORKER_KEY, PoolServer, StartServer, StartWorker, wait_for
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello pool"}]}
 #: Every key-protected route, with a body that succeeds through a demo worker.

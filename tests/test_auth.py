@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -27,14 +26,10 @@ from llamapool.server import middleware, workers
 from llamapool.server.app import create_app
 from llamapool.server.workers import key_matches
 from llamapool.testing import create_fake_ollama_app, serve_app
-from llamapool.worker.agent import Agent
 from llamapool.worker.status import serving_status
 
 from .cli_helpers import cli_env, cli_process, ws_url
-from .conftest import PoolServer
-
-StartServer = Callable[..., Awaitable[PoolServer]]
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import PoolServer, StartServer, StartWorker
 
 MODEL = "llama3:8b"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}

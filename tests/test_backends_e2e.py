@@ -3,7 +3,7 @@ a fake runtime (Ollama, vLLM, Open WebUI) on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -23,11 +23,8 @@ from llamapool.testing import (
     create_fake_vllm_app,
     fake_log,
 )
-from llamapool.worker.agent import Agent
 
-from .conftest import API_KEY, PoolServer
-
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import API_KEY, PoolServer, StartWorker
 
 MODEL = "llama3:8b"
 PROMPT = "hello from the pool"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -14,11 +13,8 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from llamapool.testing import create_fake_ollama_app, fake_log
-from llamapool.worker.agent import Agent
 
-from .conftest import PoolServer, wait_for
-
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import PoolServer, StartWorker, wait_for
 
 MODEL = "llama3:8b"
 WORKERS = 4

@@ -15,12 +15,17 @@ from pytest_aiohttp import AiohttpServer
 from llamapool.testing import create_fake_ollama_app, serve_app
 
 from .cli_helpers import CliProcess, cli_env, cli_process, ws_url
-from .conftest import API_KEY, WORKER_KEY, PoolServer, wait_for
+from .conftest import (
+    API_KEY,
+    WORKER_KEY,
+    PoolServer,
+    StartWorker,
+    wait_for,
+)
 from .resilience_helpers import (
     MODEL,
     STEP,
     Answer,
-    StartWorker,
     chat,
     echo_of,
     handle_of,

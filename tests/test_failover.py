@@ -14,12 +14,16 @@ from pytest_aiohttp import AiohttpServer
 
 from llamapool.testing import create_fake_ollama_app, fake_log
 
-from .conftest import API_KEY, PoolServer, wait_for
+from .conftest import (
+    API_KEY,
+    PoolServer,
+    StartServer,
+    StartWorker,
+    wait_for,
+)
 from .resilience_helpers import (
     MODEL,
     STEP,
-    StartServer,
-    StartWorker,
     chat,
     echo_of,
     free_port,

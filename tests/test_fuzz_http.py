@@ -12,7 +12,6 @@ import asyncio
 import gzip
 import string
 import zlib
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -22,11 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from llamapool.worker.agent import Agent
-
-from .conftest import API_KEY, WORKER_KEY, PoolServer
-
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import API_KEY, WORKER_KEY, PoolServer, StartWorker
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -44,11 +43,8 @@ from llamapool.protocol import (
 )
 from llamapool.server.validate import Invalid, check_models
 from llamapool.server.workers import MAX_IGNORED
-from llamapool.worker.agent import Agent
 
-from .conftest import WORKER_KEY, PoolServer, wait_for
-
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import WORKER_KEY, PoolServer, StartWorker, wait_for
 
 # --- strategies -----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,10 +34,7 @@ from llamapool.testing import create_fake_ollama_app, fake_log
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer, wait_for
-
-StartServer = Callable[..., Awaitable[PoolServer]]
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import API_KEY, WORKER_KEY, PoolServer, StartWorker, wait_for
 
 MODEL = "llama3:8b"
 BACKEND_KEY = "backend-key-77"

@@ -16,12 +16,16 @@ from llamapool.server.exchange import Exchange
 from llamapool.server.link import FLOW_WINDOW
 from llamapool.testing import create_fake_ollama_app
 
-from .conftest import API_KEY, PoolServer, wait_for
+from .conftest import (
+    API_KEY,
+    PoolServer,
+    StartServer,
+    StartWorker,
+    wait_for,
+)
 from .resilience_helpers import (
     MODEL,
     STEP,
-    StartServer,
-    StartWorker,
     chat,
     echo_of,
     go_worker,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,10 +34,8 @@ from llamapool.server.appkeys import SCHEDULER, SOCKETS
 from llamapool.testing import create_fake_ollama_app
 from llamapool.worker.agent import Agent
 
-from .conftest import WORKER_KEY, PoolServer, wait_for
+from .conftest import WORKER_KEY, PoolServer, StartServer, StartWorker, wait_for
 
-StartServer = Callable[..., Awaitable[PoolServer]]
-StartWorker = Callable[..., Awaitable[Agent]]
 Socket = aiohttp.ClientWebSocketResponse[bool]
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -22,7 +22,13 @@ from llamapool.server.appkeys import POOL
 from llamapool.server.pool import Pool
 from llamapool.testing import create_broken_app, create_fake_ollama_app, fake_log
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer
+from .conftest import (
+    API_KEY,
+    WORKER_KEY,
+    PoolServer,
+    StartServer,
+    StartWorker,
+)
 from .observability_helpers import (
     BROKEN,
     DELAY,
@@ -32,8 +38,6 @@ from .observability_helpers import (
     UNKNOWN,
     FixedModels,
     Metrics,
-    StartServer,
-    StartWorker,
     cancel_mid_stream,
     chat,
     client_usage,

@@ -14,8 +14,20 @@ from llamapool.protocol import Register, encode
 from llamapool.testing import create_fake_ollama_app
 from llamapool.worker.status import create_status_app
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer, wait_for
-from .observability_helpers import MODEL, SSEReader, StartWorker, chat, status_of, url_of
+from .conftest import (
+    API_KEY,
+    WORKER_KEY,
+    PoolServer,
+    StartWorker,
+    wait_for,
+)
+from .observability_helpers import (
+    MODEL,
+    SSEReader,
+    chat,
+    status_of,
+    url_of,
+)
 
 BACKEND_KEY = "backend-key-5d0e1c"
 WRONG_API_KEY = "wrong-api-key-a41b"

@@ -10,14 +10,17 @@ from pytest_aiohttp import AiohttpServer
 
 from llamapool.testing import create_fake_ollama_app
 
-from .conftest import PoolServer, wait_for
+from .conftest import (
+    PoolServer,
+    StartServer,
+    StartWorker,
+    wait_for,
+)
 from .resilience_helpers import (
     MODEL,
     STEP,
     Answer,
     Gate,
-    StartServer,
-    StartWorker,
     chat,
     echo_of,
     gated_ollama,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -42,10 +42,7 @@ from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
 from llamapool_ollama import OllamaBackend
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer, wait_for
-
-StartServer = Callable[..., Awaitable[PoolServer]]
-StartWorker = Callable[..., Awaitable[Agent]]
+from .conftest import API_KEY, WORKER_KEY, PoolServer, StartServer, StartWorker, wait_for
 
 MODEL = "llama3:8b"
 DELAY = 0.2

@@ -17,15 +17,19 @@ from llamapool.server import state_api
 from llamapool.server.appkeys import SCHEDULER, STATE
 from llamapool.testing import create_broken_app, create_fake_ollama_app
 
-from .conftest import WORKER_KEY, PoolServer, wait_for
+from .conftest import (
+    WORKER_KEY,
+    PoolServer,
+    StartServer,
+    StartWorker,
+    wait_for,
+)
 from .observability_helpers import (
     BROKEN,
     DELAY,
     GHOST,
     MODEL,
     FixedModels,
-    StartServer,
-    StartWorker,
     cancel_mid_stream,
     chat,
     client_usage,

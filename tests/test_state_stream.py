@@ -14,8 +14,18 @@ import pytest
 
 from llamapool.server import state_api
 
-from .conftest import PoolServer, wait_for
-from .observability_helpers import SSEReader, StartWorker, chat, post, settled, status_of
+from .conftest import (
+    PoolServer,
+    StartWorker,
+    wait_for,
+)
+from .observability_helpers import (
+    SSEReader,
+    chat,
+    post,
+    settled,
+    status_of,
+)
 
 STREAM = "/api/v1/state/stream"
 

@@ -15,11 +15,13 @@ from pytest_aiohttp import AiohttpServer
 from llamapool.server.usage import Usage, UsageScanner
 from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app
 
-from .conftest import PoolServer
+from .conftest import (
+    PoolServer,
+    StartWorker,
+)
 from .observability_helpers import (
     MODEL,
     FixedModels,
-    StartWorker,
     chat,
     client_usage,
     get_state,

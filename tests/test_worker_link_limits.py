@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -37,9 +37,8 @@ from llamapool.server.pool import WorkerHandle
 from llamapool.server.validate import MAX_REGISTER_BYTES
 from llamapool.server.workers import MAX_IGNORED
 
-from .conftest import WORKER_KEY, PoolServer, wait_for
+from .conftest import WORKER_KEY, PoolServer, StartServer, wait_for
 
-StartServer = Callable[..., Awaitable[PoolServer]]
 Socket = aiohttp.ClientWebSocketResponse[bool]
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

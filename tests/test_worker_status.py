@@ -15,15 +15,18 @@ from llamapool.testing import create_broken_app, create_fake_ollama_app, fake_lo
 from llamapool.worker.agent import Agent
 from llamapool.worker.status import create_status_app, serving_status
 
-from .conftest import PoolServer, wait_for
+from .conftest import (
+    PoolServer,
+    StartServer,
+    StartWorker,
+    wait_for,
+)
 from .observability_helpers import (
     BROKEN,
     DELAY,
     MODEL,
     FixedModels,
     Metrics,
-    StartServer,
-    StartWorker,
     chat,
     get_json,
     post,
