@@ -64,9 +64,5 @@ class QueueTimeoutError(RoutingError):
     reason = "queue_timeout"
 
 
-class WorkerGoneError(LlamapoolError):
-    """The worker handling a request disconnected before the request ended."""
-
-
 class BackendError(LlamapoolError):
     """The worker could not reach its backend or the backend failed mid-answer."""

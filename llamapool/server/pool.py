@@ -82,16 +82,11 @@ class WorkerHandle:
     draining: bool = False
     #: Cleared while the worker says its backend is down.
     ready: bool = True
-    #: Requests waiting in the server's queue for a model this worker serves.
-    queue_len: int = 0
     connected_at: float = attrs.field(factory=time.time)
     last_heartbeat: float = attrs.field(factory=time.monotonic)
     _buckets: list[_Buckets] = attrs.field(factory=list, repr=False)
     #: When the scheduler last picked this worker: ties go to the least recently picked.
     _picked: int = attrs.field(default=0, repr=False)
-
-    def serves(self, path: str) -> bool:
-        return self.paths is None or path in self.paths
 
     @property
     def routable(self) -> bool:
