@@ -202,7 +202,21 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     envvar="MAX_CONNECTIONS",
     type=click.IntRange(min=1),
     default=field_default(ServeConfig, "max_connections"),
-    help="Client requests handled at once; more are answered 503.",
+    help="Client connections at once; past that, slow ones are closed or new ones get 503.",
+)
+@duration(
+    "--header-timeout",
+    "HEADER_TIMEOUT",
+    field_default(ServeConfig, "header_timeout"),
+    "Close a connection that takes longer to send its request headers.",
+    zero=False,
+)
+@duration(
+    "--keepalive-timeout",
+    "KEEPALIVE_TIMEOUT",
+    field_default(ServeConfig, "keepalive_timeout"),
+    "Close a keep-alive connection idle for this long.",
+    zero=False,
 )
 @option(
     "--max-workers",

@@ -158,6 +158,14 @@ def work_settings(params: Mapping[str, Any]) -> WorkSettings:
     "Time between heartbeats (the server evicts a worker silent for 15s).",
     zero=False,
 )
+@duration(
+    "--server-timeout",
+    "SERVER_TIMEOUT",
+    field_default(WorkConfig, "server_timeout"),
+    "Silence from the server (no message, no pong to a ping) after which the link is "
+    "taken for dead and the worker reconnects.",
+    zero=False,
+)
 @option(
     "--ca-file",
     envvar="CA_FILE",

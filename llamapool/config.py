@@ -60,8 +60,14 @@ class ServeConfig:
     tls_key: str = attrs.field(default="")
     #: Whether ``/metrics`` needs the API key too (it is open by default, as in Go).
     metrics_require_key: bool = False
-    #: Client HTTP requests handled at once; more are answered 503.
+    #: Client connections open at once, counted at accept; when full, the connection waiting
+    #: longest for its request headers is closed to make room, or the new one answered 503.
     max_connections: int = 1024
+    #: Seconds a client has to send a request's headers, from connecting (or, on a kept-alive
+    #: connection, from the request's first byte).
+    header_timeout: float = 5.0
+    #: Seconds an idle keep-alive connection stays open between two requests.
+    keepalive_timeout: float = 30.0
     #: Worker connections at once; more are refused.
     max_workers: int = 1024
     #: Models one worker may advertise.
@@ -96,6 +102,10 @@ class WorkConfig:
     worker_name: str = attrs.field(factory=socket.gethostname)
     #: Seconds between heartbeats (Go: 5 s).
     heartbeat_interval: float = 5.0
+    #: Seconds the server may stay silent (no message, no pong to the worker's pings)
+    #: before the worker takes the link for dead and reconnects: a black-holed path (a NAT
+    #: rebinding, a laptop changing networks) closes no socket by itself.
+    server_timeout: float = 15.0
     #: Cap of the exponential reconnect backoff, in seconds.
     reconnect_max: float = 30.0
     #: Seconds between two checks of the backend's health and model list.

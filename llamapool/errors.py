@@ -64,5 +64,11 @@ class QueueTimeoutError(RoutingError):
     reason = "queue_timeout"
 
 
+class WorkerIdInUseError(LlamapoolError):
+    """A worker registered with the id of a connected worker but could not prove it is that
+    worker (its per-process instance secret differs): someone else holding the worker key, or
+    two workers configured with the same ``WORKER_ID``."""
+
+
 class BackendError(LlamapoolError):
     """The worker could not reach its backend or the backend failed mid-answer."""

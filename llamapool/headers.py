@@ -3,11 +3,18 @@
 Hop-by-hop headers describe one connection, not the message, so they never cross a proxy
 (RFC 9110 section 7.6.1). The client's credentials never reach a backend: the worker adds the
 backend's own key instead.
+
+Response headers are served from the pool's own origin, where the dashboard keeps the API key
+in the browser, and a worker is only as trusted as its key: so they are allow-listed rather
+than deny-listed. What an LLM API response needs passes (its type, caching, the runtime's
+rate-limit and request-id headers under their own names); nothing that sets a cookie,
+redirects, or changes how a browser treats the origin (CORS, framing, CSP, HSTS) ever does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 
 HOP_BY_HOP = frozenset(
     {
@@ -27,6 +34,7 @@ HOP_BY_HOP = frozenset(
 #: compressed body before relaying it, so its Content-Encoding stays behind too.
 CLIENT_ONLY = HOP_BY_HOP | {
     "authorization",
+    "x-api-key",  # the client's key as Anthropic clients send it
     "cookie",
     "host",
     "content-length",
@@ -65,3 +73,36 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dic
             lowered[key] = name
             result[name] = value
     return result
+
+
+#: Response headers a worker may send on to the client, by exact (lowercase) name.
+RESPONSE_ALLOWED = frozenset(
+    {
+        "cache-control",
+        "content-disposition",  # audio and image endpoints name their files
+        "content-language",
+        "content-type",
+        "etag",
+        "expires",
+        "last-modified",
+        "retry-after",
+        "request-id",  # Anthropic's
+        "x-accel-buffering",  # keeps SSE unbuffered behind nginx
+    }
+)
+#: ... and by pattern: rate-limit headers (OpenAI's, Anthropic's, the IETF draft's), OpenAI's
+#: own (openai-model, openai-processing-ms), and a runtime's request id under its own name
+#: (``x-vllm-request-id``, not ``x-request-id``: the pool's own id always wins).
+_RESPONSE_ALLOWED = re.compile(
+    r"^(x-ratelimit-[a-z0-9-]+|anthropic-ratelimit-[a-z0-9-]+|ratelimit(-policy)?"
+    r"|openai-[a-z0-9-]+|x-[a-z0-9]+(-[a-z0-9]+)*-request-id)$"
+)
+
+
+def allowed_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of a worker's response that may reach the client."""
+    return {
+        name: value
+        for name, value in headers.items()
+        if (key := name.lower()) in RESPONSE_ALLOWED or _RESPONSE_ALLOWED.match(key)
+    }

@@ -8,13 +8,16 @@ key, but if it does, the value does not reach a terminal or a file.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import logging.handlers
+import re
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import orjson
@@ -212,3 +215,84 @@ class _StderrHandler(logging.Handler):
 def _dumps(data: object, **_: object) -> str:
     """orjson for log lines: several times faster than json, on every request's summary."""
     return orjson.dumps(data, default=str).decode()
+
+
+class Throttle:
+    """At most one log line per reason per ``interval`` seconds, for what peers can trigger at
+    will (malformed requests, a flood of connections): a line per event would let anyone fill
+    the disk. The lines held back are counted, and the next line that passes says how many
+    (``suppressed=N``).
+    """
+
+    #: Reasons remembered at once; past that, new reasons share one slot.
+    MAX_REASONS = 256
+
+    def __init__(
+        self, interval: float = 10.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def passes(self, reason: str) -> int | None:
+        """``None`` if a line for ``reason`` went out less than ``interval`` ago (this one is
+        counted); otherwise how many were held back since that line."""
+        if reason not in self._next and len(self._next) >= self.MAX_REASONS:
+            reason = "other"
+        now = self._clock()
+        if now < self._next.get(reason, now):
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return None
+        self._next[reason] = now + self.interval
+        return self._suppressed.pop(reason, 0)
+
+    def log(
+        self, method: Callable[..., object], event: str, *, reason: str, **fields: object
+    ) -> None:
+        """``method(event, reason=..., suppressed=N, **fields)`` unless held back."""
+        suppressed = self.passes(f"{event}/{reason}")
+        if suppressed is not None:
+            method(event, reason=reason, suppressed=suppressed, **fields)
+
+
+_log = structlog.get_logger("llamapool")
+#: Where an event loop error's own description stops: a repr or call may follow, holding
+#: data (``Exception in callback f('...')``); an empty call (``socket.accept()``) stays.
+_REPR = re.compile(r"""([<{'"\[]|\((?!\))).*""", re.DOTALL)
+
+
+def throttled_loop_errors(
+    throttle: Throttle,
+) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """An event loop exception handler that logs one line per kind of error and interval,
+    without a traceback for operating-system errors (``socket.accept() out of system
+    resource`` can come a thousand times a second when descriptors run out).
+
+    The line says what failed, not with what: reprs of callbacks and exception messages can
+    hold request data, so only the exception's type (and an ``OSError``'s ``strerror``) goes.
+    A programming error keeps its traceback, at most once per interval.
+    """
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message") or "unexpected error")
+        reason = _REPR.sub("", message).strip()[:80] or "unexpected error"
+        exc = context.get("exception")
+        if not isinstance(exc, BaseException):
+            throttle.log(_log.warning, "event_loop_error", reason=reason)
+        elif isinstance(exc, OSError):
+            detail = exc.strerror or ""
+            error = type(exc).__name__
+            throttle.log(
+                _log.warning, "event_loop_error", reason=reason, error=error, detail=detail
+            )
+        else:
+            throttle.log(
+                _log.error,
+                "event_loop_error",
+                reason=reason,
+                error=type(exc).__name__,
+                exc_info=exc,
+            )
+
+    return handle

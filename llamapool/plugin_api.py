@@ -26,6 +26,7 @@ import attrs
 from llamapool.errors import BackendError
 
 __all__ = [
+    "ANTHROPIC_PATHS",
     "API_VERSION",
     "OLLAMA_PATHS",
     "OPENAI_PATHS",
@@ -35,13 +36,37 @@ __all__ = [
     "fetch_json",
 ]
 
-#: Bumped when the contract changes incompatibly; a plugin may check it at import.
-API_VERSION = 1
+#: Bumped when the contract changes. Version 2 (llamapool 2) grew the path sets below to every
+#: model endpoint the server relays and added :data:`ANTHROPIC_PATHS`: a plugin that declares
+#: ``OPENAI_PATHS`` now also gets the Responses, rerank, audio and image paths (a path its
+#: runtime lacks gets the runtime's own answer, relayed). List the paths to keep a narrower set.
+API_VERSION = 2
 
-#: The OpenAI API paths the server relays.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-#: The Ollama native API paths the server relays.
-OLLAMA_PATHS = frozenset({"/api/generate", "/api/chat", "/api/embed"})
+#: The OpenAI API paths the server relays (``/rerank`` and ``/v1/score`` are the spellings
+#: vLLM and llama.cpp's server use for reranking).
+OPENAI_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/rerank",
+        "/rerank",
+        "/v1/score",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/audio/speech",
+        "/v1/images/generations",
+        "/v1/images/edits",
+    }
+)
+#: The Anthropic API paths the server relays.
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+#: The Ollama native API paths the server relays (``/api/show`` only for workers that serve
+#: it; for the others the server describes the model itself).
+OLLAMA_PATHS = frozenset(
+    {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show"}
+)
 
 
 @attrs.frozen

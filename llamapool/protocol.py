@@ -41,6 +41,18 @@ FEATURES: tuple[str, ...] = (
     FEATURE_FLOW_CONTROL,
 )
 
+#: WebSocket close codes. 1008 is Go's: the worker's key (or its register message) was refused,
+#: so a worker that gets it with the reason ``unauthorized`` stops instead of retrying.
+CLOSE_POLICY = 1008
+#: Going away: server shutdown, a replaced or evicted connection. The worker reconnects.
+CLOSE_GOING_AWAY = 1001
+#: The worker sent too many messages that could never be valid; it should reconnect clean.
+CLOSE_INVALID_MESSAGES = 4002
+#: Another connected worker holds this worker id (see :attr:`Register.instance`).
+CLOSE_ID_IN_USE = 4009
+#: The close reason that says the worker key was refused (Go's wording).
+REASON_UNAUTHORIZED = "unauthorized"
+
 #: ``status_update`` values.
 STATUS_READY = "ready"
 STATUS_DRAINING = "draining"
@@ -78,6 +90,10 @@ class Register:
     features: list[str] = attrs.Factory(list)
     #: Public API paths the worker's backend serves; empty means "all" (a Go worker).
     paths: list[str] = attrs.Factory(list)
+    #: A random secret the worker process made at start. A register with the id of a
+    #: connected worker replaces that connection only when it carries the same secret: the
+    #: same process coming back on a new link, not anyone else holding the worker key.
+    instance: str = attrs.field(default="", repr=False)
 
     @property
     def key(self) -> str:

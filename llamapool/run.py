@@ -18,9 +18,17 @@ from aiohttp import web
 
 from llamapool.backends.demo import DEMO_MODELS, DemoBackend
 from llamapool.config import ServeConfig, WorkConfig
+from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import create_app, create_metrics_app, drain
 from llamapool.server.appkeys import SOCKETS, STATE
+from llamapool.server.connections import ConnectionGuard, make_runner, refusal_counter
+from llamapool.server.resources import (
+    BACKLOG,
+    METRICS_CONNECTIONS,
+    connection_cap,
+    raise_open_file_limit,
+)
 from llamapool.tls import server_context
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
@@ -44,17 +52,23 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     """
     tls = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     app = create_app(cfg)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    cap = connection_cap(cfg, raise_open_file_limit())
+    runner = make_runner(app, cfg, guard=ConnectionGuard(cap, on_refused=refusal_counter(app)))
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls).start()
+        await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls, backlog=BACKLOG).start()
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
         log.info("server_listening", url=url, ws_path=cfg.ws_path)
         if cfg.metrics_port is not None:
-            metrics_runner = web.AppRunner(create_metrics_app(app[STATE], cfg), access_log=None)
+            metrics_app = create_metrics_app(app[STATE], cfg)
+            metrics_runner = make_runner(
+                metrics_app, cfg, guard=ConnectionGuard(METRICS_CONNECTIONS)
+            )
             await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, cfg.host, cfg.metrics_port, ssl_context=tls).start()
+            await web.TCPSite(
+                metrics_runner, cfg.host, cfg.metrics_port, ssl_context=tls, backlog=BACKLOG
+            ).start()
             port = metrics_runner.addresses[0][1]
             log.info(
                 "metrics_listening", url=_url(cfg.host, port, tls=tls is not None) + "/metrics"
@@ -107,6 +121,7 @@ def _warn_if_open(cfg: ServeConfig) -> None:
 
 async def serve(cfg: ServeConfig) -> None:
     """The server until SIGTERM or SIGINT: the first drains, a second stops at once."""
+    _quiet_loop_errors()
     stop = _stop_event()
     main = cast("asyncio.Task[None]", asyncio.current_task())
     try:
@@ -149,6 +164,12 @@ async def work(cfg: WorkConfig) -> None:
     log.info("worker_stopped")
 
 
+def _quiet_loop_errors() -> None:
+    """Log the event loop's errors once per kind and 10 s: a server out of file descriptors
+    gets one per failed ``accept()``, which hostile clients can cause at will."""
+    asyncio.get_running_loop().set_exception_handler(throttled_loop_errors(Throttle()))
+
+
 def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
 
@@ -174,6 +195,7 @@ async def _until_stopped(main: Awaitable[None]) -> None:
 
 async def demo(cfg: ServeConfig) -> None:
     """A server and an in-process demo worker, with keys made up if none were given."""
+    _quiet_loop_errors()
     api_key = cfg.api_keys[0] if cfg.api_keys else "demo-" + secrets.token_urlsafe(12)
     worker_key = cfg.worker_keys[0] if cfg.worker_keys else secrets.token_urlsafe(24)
     cfg = attrs.evolve(

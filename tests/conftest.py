@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import Phase, settings
 
 from llamapool.config import ServeConfig, WorkConfig
 from llamapool.plugin_api import Backend, BackendSettings
@@ -22,6 +24,20 @@ from llamapool.worker.loader import load_backend
 #: The types of the ``start_server`` and ``start_worker`` fixtures, for annotations.
 StartServer = Callable[..., Awaitable["PoolServer"]]
 StartWorker = Callable[..., Awaitable[Agent]]
+
+# Property-based tests are deterministic unless asked otherwise: the "ci" profile (the default)
+# derandomizes (the examples come from each test's own fixed seed), keeps no example database,
+# and does not shrink, so a failure shows at once and the same way on every machine.
+# HYPOTHESIS_PROFILE=explore draws new random examples on each run and shrinks what fails.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+    print_blob=True,
+)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 API_KEY = "test-api-key"
 WORKER_KEY = "test-worker-key"

@@ -25,6 +25,7 @@ from llamapool.plugin_api import BackendSettings
 from llamapool.run import stop_server
 from llamapool.server.app import create_app
 from llamapool.server.appkeys import POOL, SCHEDULER, STATE
+from llamapool.server.connections import make_runner
 from llamapool.server.link import WorkerLink
 from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.server.scheduler import Scheduler
@@ -225,13 +226,13 @@ def prompts_seen(app: web.Application) -> list[str]:
 
 
 class RunnerServer(PoolServer):
-    """A server on an :class:`~aiohttp.web.AppRunner` with handler cancellation, exactly as
-    ``llamapool serve`` runs it (a client that leaves cancels its request's handler)."""
+    """A server on the runner ``llamapool serve`` uses (handler cancellation: a client that
+    leaves cancels its request's handler; connections counted at accept)."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.app = create_app(cfg)
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.runner = make_runner(self.app, cfg)
         self.port = cfg.port
         self.stopped = False
 
@@ -417,8 +418,10 @@ async def go_worker(
     models: tuple[str, ...] = (MODEL,),
     max_concurrency: int = 2,
     worker_id: str = "",
+    instance: str = "",
 ) -> AsyncIterator[GoWorker]:
-    """A registered Go-style worker for the block (heartbeating until told to fall silent)."""
+    """A registered Go-style worker for the block (heartbeating until told to fall silent);
+    with ``instance``, it proves its identity the way a llamapool-py worker does."""
     worker_id = worker_id or "go-" + uuid.uuid4().hex[:8]
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(server.ws_url, autoping=True)
@@ -432,6 +435,7 @@ async def go_worker(
                     "worker_key": WORKER_KEY,
                     "models": list(models),
                     "max_concurrency": max_concurrency,
+                    **({"instance": instance} if instance else {}),
                 }
             )
             await wait_for(lambda: server.pool.get(worker_id) is not None, what="go register")

@@ -355,6 +355,7 @@ OPEN = {
     "/metrics",
     "/openapi.json",
     "/",
+    "/api/version",  # open on Ollama, which clients probe before sending a key
     "/dashboard",
     "/dashboard/",
     "/dashboard/assets/{name}",

@@ -183,11 +183,13 @@ class Cable:
 
 
 async def test_root_redirects_to_dashboard(pool_server: PoolServer) -> None:
-    """``/`` and ``/dashboard`` redirect to ``/dashboard/``."""
+    """``/`` (for a browser) and ``/dashboard`` redirect to ``/dashboard/``."""
     async with aiohttp.ClientSession() as http:
         locations = []
         for path in ("/", "/dashboard"):
-            resp = await http.get(pool_server.url + path, allow_redirects=False)
+            resp = await http.get(
+                pool_server.url + path, allow_redirects=False, headers={"Accept": "text/html"}
+            )
             locations.append((resp.status, resp.headers.get("Location")))
     assert [(302, "/dashboard/"), (302, "/dashboard/")] == locations
 

@@ -3,11 +3,13 @@ garbage.
 
 Whatever a worker sends, the decoder answers a message, ``None`` (an unknown type) or
 :class:`ProtocolError`, and the server ignores and counts what it cannot use, disconnecting a
-worker that keeps sending it.
+worker that keeps sending what could never be valid (not messages of unknown types, and not
+late answers to requests it already ended).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from typing import Any
@@ -41,8 +43,8 @@ from llamapool.protocol import (
     pack_frame,
     unpack_frame,
 )
+from llamapool.server.link import MAX_INVALID
 from llamapool.server.validate import Invalid, check_models
-from llamapool.server.workers import MAX_IGNORED
 
 from .conftest import WORKER_KEY, PoolServer, StartWorker, wait_for
 
@@ -279,22 +281,34 @@ GARBAGE: st.SearchStrategy[str | bytes] = st.one_of(
 )
 
 
-def ignored(frame: str | bytes) -> bool:
-    """Whether the server counts ``frame`` in llamapool_worker_messages_ignored_total."""
+def invalid(frame: str | bytes) -> bool:
+    """Whether ``frame`` could never be valid from a worker that was sent no request: these,
+    and only these, count towards disconnecting it."""
     if isinstance(frame, bytes):
         return True  # a binary frame can only be a chunk of a request: there is none
     try:
         message = decode(frame)
     except ProtocolError:
         return True
+    if message is None:
+        return False  # a type from a newer peer: ignored, never garbage
     if isinstance(message, ModelsUpdate):
         try:
             check_models(message.models, max_models=ServeConfig().max_models_per_worker)
         except Invalid:
             return True
         return False
-    # Unknown types (None) are counted too, apart from garbage; only these two are not.
     return not isinstance(message, (Heartbeat, StatusUpdate))
+
+
+def ignored(frame: str | bytes) -> bool:
+    """Whether the server counts ``frame`` in llamapool_worker_messages_ignored_total: the
+    invalid ones and those of a type it does not know."""
+    if isinstance(frame, str):
+        with contextlib.suppress(ProtocolError):
+            if decode(frame) is None:
+                return True
+    return invalid(frame)
 
 
 _IGNORED_TOTAL = re.compile(r"^llamapool_worker_messages_ignored_total (\S+)$", re.MULTILINE)
@@ -352,7 +366,7 @@ _COUNTER = itertools.count()
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(frames=st.lists(GARBAGE, max_size=MAX_IGNORED // 2))
+@given(frames=st.lists(GARBAGE, max_size=MAX_INVALID // 2))
 async def test_garbage_from_a_worker_is_ignored_and_counted(
     pool_server: PoolServer, start_worker: StartWorker, frames: list[str | bytes]
 ) -> None:
@@ -385,8 +399,9 @@ async def test_garbage_from_a_worker_is_ignored_and_counted(
 async def test_a_worker_sending_too_much_garbage_is_disconnected(
     pool_server: PoolServer, start_worker: StartWorker, data: st.DataObject
 ) -> None:
-    """Past MAX_IGNORED ignored messages the server closes the worker's socket with 1008 and
-    drops it from the pool; the other workers keep serving."""
+    """The message that takes a worker past MAX_INVALID invalid ones in a window gets its
+    socket closed with 4002 (not 1008: its key is fine, it may reconnect) and drops it from
+    the pool; messages of unknown types in between never count; other workers keep serving."""
     if not pool_server.pool.get("demo-worker"):
         await start_worker(pool_server, "demo", worker_id="demo-worker")
     worker_id = f"garbage-{next(_COUNTER)}"
@@ -394,24 +409,24 @@ async def test_a_worker_sending_too_much_garbage_is_disconnected(
     async with aiohttp.ClientSession() as http:
         before = await ignored_total(http, pool_server)
         ws = await connect_garbage_worker(http, pool_server, worker_id)
-        count = 0
-        while count <= MAX_IGNORED:
+        count = ignored_count = 0
+        while count <= MAX_INVALID:
             frame = data.draw(GARBAGE)
             await send(ws, frame)
-            count += ignored(frame)
-        await ws.send_str(encode(Heartbeat(ts=0)))  # the next message finds the limit passed
+            count += invalid(frame)
+            ignored_count += ignored(frame)
         closed = await ws.receive(timeout=5)
         await wait_for(lambda: pool_server.pool.get(worker_id) is None, what="the worker to go")
         after = await ignored_total(http, pool_server)
         await assert_pool_serves(http, pool_server)
         await ws.close()
 
-    assert (WSMsgType.CLOSE, 1008, "too many invalid messages") == (
+    assert (WSMsgType.CLOSE, 4002, "too many invalid messages") == (
         closed.type,
         closed.data,
         closed.extra,
     )
-    assert MAX_IGNORED + 1 == after - before
+    assert ignored_count == after - before
 
 
 async def test_a_text_frame_that_is_not_utf8_ends_only_that_worker(

@@ -53,6 +53,7 @@ REGISTER_EXTENSIONS = {
     "protocol",
     "features",
     "paths",
+    "instance",
 }
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9_]*$")
 STEP = 5.0  # seconds any single wire step may take
@@ -271,7 +272,7 @@ async def test_go_worker_relays_a_streamed_request_byte_for_byte(
             "type": "http_proxy_response_headers",
             "request_id": rid,
             "status": 200,
-            "headers": {"Content-Type": "text/event-stream", "X-Backend": "go"},
+            "headers": {"Content-Type": "text/event-stream", "X-Vllm-Request-Id": "go"},
         }
     )
     await worker.chunk(rid, chunks[0])
@@ -296,7 +297,7 @@ async def test_go_worker_relays_a_streamed_request_byte_for_byte(
     assert (200, "text/event-stream", "go") == (
         resp.status,
         resp.headers["Content-Type"],
-        resp.headers["X-Backend"],
+        resp.headers["X-Vllm-Request-Id"],
     )
     assert b"".join(chunks) == first + rest
     worker.assert_spoke_only_v1()

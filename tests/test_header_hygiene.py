@@ -69,15 +69,16 @@ CLIENT_HEADERS = {
 }
 #: What a backend answers that must stay on the worker's side.
 BACKEND_HEADERS = {
-    "Connection": f"keep-alive, X-{MARKER}",
-    f"X-{MARKER}": "named by Connection, so hop-by-hop",
+    # An allowed name, but named by Connection: hop-by-hop all the same.
+    "Connection": f"keep-alive, X-RateLimit-{MARKER}",
+    f"X-RateLimit-{MARKER}": "named by Connection, so hop-by-hop",
     "Keep-Alive": f"timeout=99, {MARKER}",
     "TE": MARKER,
     "Trailer": f"X-{MARKER}",
     "Upgrade": f"{MARKER}/1",
     "Proxy-Authenticate": f'Basic realm="{MARKER}"',
     "Proxy-Connection": MARKER,
-    "X-Backend-Kept": "kept",
+    "X-RateLimit-Backend-Kept": "kept",
 }
 
 
@@ -160,7 +161,7 @@ async def test_hop_by_hop_headers_and_client_credentials_stay_on_their_side(
     assert not any(API_KEY in v for v in seen.headers.values())
     assert "kept" == backend_saw.get("X-Client-Kept")
     assert [] == hop_by_hop_in(answer_headers, own=SERVER_OWN)
-    assert "kept" == answer_headers.get("X-Backend-Kept")
+    assert "kept" == answer_headers.get("X-RateLimit-Backend-Kept")
 
 
 async def test_the_server_strips_client_headers_before_the_wire(pool_server: PoolServer) -> None:
@@ -252,7 +253,7 @@ async def test_the_worker_strips_what_a_server_forwards_and_what_a_backend_answe
     assert None is backend_saw.get("Cookie")
     assert "kept" == backend_saw.get("X-Client-Kept")
     assert [] == hop_by_hop_in(first.headers)
-    assert "kept" == CIMultiDict(first.headers).get("X-Backend-Kept")
+    assert "kept" == CIMultiDict(first.headers).get("X-RateLimit-Backend-Kept")
 
 
 # --- response headers from a worker ---------------------------------------------------------
@@ -294,7 +295,7 @@ async def test_a_workers_hop_by_hop_headers_never_reach_the_client(
 
     assert (200, b'{"ok": true}') == (status, body)
     assert [] == hop_by_hop_in(got, own=SERVER_OWN)
-    assert "kept" == got.get("X-Backend-Kept")
+    assert "kept" == got.get("X-RateLimit-Backend-Kept")
 
 
 async def test_a_workers_response_headers_are_checked_and_bounded(
@@ -311,22 +312,23 @@ async def test_a_workers_response_headers_are_checked_and_bounded(
         "X-Bad:Name": "x",
         "": "empty name",
     }
-    many = {f"X-H-{i:03}": str(i) for i in range(MAX_HEADERS + 36)}
+    many = {f"X-RateLimit-H-{i:03}": str(i) for i in range(MAX_HEADERS + 36)}
 
     status, got, body = await answered_with(pool_server, 200, {**bad, **many})
 
-    kept = [name for name in got if name.startswith("X-H-")]
+    kept = [name for name in got if name.startswith("X-RateLimit-H-")]
     assert (200, b'{"ok": true}') == (status, body)
-    assert [f"X-H-{i:03}" for i in range(MAX_HEADERS)] == kept
+    assert [f"X-RateLimit-H-{i:03}" for i in range(MAX_HEADERS)] == kept
     assert [] == [name for name in bad if name in got]
     assert None is got.get("Set-Cookie")
 
 
-@pytest.mark.parametrize("status", [0, -1, 99, 100, 101, 199, 600, 999])
+@pytest.mark.parametrize("status", [0, -1, 99, 100, 101, 199, 301, 302, 307, 308, 600, 999])
 async def test_an_invalid_status_from_a_worker_is_a_502(
     pool_server: PoolServer, status: int
 ) -> None:
-    """A status outside 200-599 from a worker answers 502 JSON in the API's error shape."""
+    """A status outside 200-599, or a redirect, from a worker answers 502 JSON in the API's
+    error shape: the pool's origin never redirects a client where a worker says."""
     got_status, got, body = await answered_with(pool_server, status, {})
 
     error = orjson.loads(body)["error"]
@@ -335,3 +337,48 @@ async def test_an_invalid_status_from_a_worker_is_a_502(
         error["code"],
         error["message"],
     )
+
+
+#: What a hostile worker might answer to act on the pool's origin in a browser.
+HOSTILE = {
+    "Set-Cookie": "session=stolen; Path=/",
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Credentials": "true",
+    "Location": "https://evil.example/",
+    "Refresh": "0; url=https://evil.example/",
+    "X-Frame-Options": "ALLOWALL",
+    "Content-Security-Policy": "default-src *",
+    "Strict-Transport-Security": "max-age=0",
+    "Clear-Site-Data": '"*"',
+    "Link": "<https://evil.example/x.js>; rel=preload",
+    "WWW-Authenticate": 'Basic realm="pool"',
+    "X-Request-Id": "forged-by-the-worker",
+    "Content-Encoding": "gzip",
+}
+#: What an LLM API response needs, under the names runtimes give it.
+NEEDED = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+    "Retry-After": "3",
+    "X-RateLimit-Remaining-Requests": "59",
+    "X-RateLimit-Reset-Tokens": "6ms",
+    "Anthropic-RateLimit-Requests-Remaining": "9",
+    "OpenAI-Processing-Ms": "42",
+    "Request-Id": "req_anthropic_1",
+    "X-Vllm-Request-Id": "cmpl-1",
+}
+
+
+async def test_only_allow_listed_worker_headers_reach_the_client(
+    pool_server: PoolServer,
+) -> None:
+    """Nothing a worker sends can set a cookie, redirect, or change how a browser treats the
+    pool's origin; the headers an API response needs pass under their own names; the pool's
+    X-Request-Id wins over the worker's."""
+    status, got, body = await answered_with(pool_server, 200, {**HOSTILE, **NEEDED})
+
+    assert (200, b'{"ok": true}') == (status, body)
+    assert [] == [name for name in HOSTILE if name != "X-Request-Id" and name in got]
+    assert NEEDED == {name: got[name] for name in NEEDED if name in got}
+    assert "forged-by-the-worker" != got["X-Request-Id"]

@@ -19,7 +19,6 @@ from pytest_aiohttp import AiohttpServer
 
 from llamapool.backends.demo import DemoBackend
 from llamapool.config import WorkConfig
-from llamapool.errors import ConfigError
 from llamapool.plugin_api import BackendSettings
 from llamapool.protocol import (
     ProxyRequest,
@@ -33,8 +32,10 @@ from llamapool.protocol import (
 from llamapool.server.appkeys import SCHEDULER, SOCKETS
 from llamapool.testing import create_fake_ollama_app
 from llamapool.worker.agent import Agent
+from llamapool.worker.loader import load_backend
 
-from .conftest import WORKER_KEY, PoolServer, StartServer, StartWorker, wait_for
+from .conftest import WORKER_KEY, PoolServer, StartServer, wait_for
+from .resilience_helpers import runner_server
 
 Socket = aiohttp.ClientWebSocketResponse[bool]
 
@@ -95,11 +96,11 @@ def assert_limit_error(
 # --- client connections ---------------------------------------------------------------------
 
 
-async def test_requests_past_max_connections_get_a_quick_503(start_server: StartServer) -> None:
+async def test_requests_past_max_connections_get_a_quick_503() -> None:
     """With max_connections=2 and two requests in flight, a third gets 503 JSON with
-    Retry-After at once; once the two finish, requests are served again."""
-    server = await start_server(max_connections=2)
-    async with raw_worker(server) as ws:
+    Retry-After at once (the worker's connection does not count); once the two finish,
+    requests are served again."""
+    async with runner_server(max_connections=2) as server, raw_worker(server) as ws:
         first, second = asyncio.create_task(chat(server)), asyncio.create_task(chat(server))
         held = [await next_request(ws), await next_request(ws)]
         refused = await asyncio.wait_for(chat(server), timeout=5)
@@ -194,17 +195,32 @@ async def test_a_worker_may_advertise_at_most_max_models_per_worker(
         assert None is handle
 
 
-async def test_an_agent_with_too_many_models_stops_with_a_clear_error(
-    aiohttp_server: AiohttpServer, start_server: StartServer, start_worker: StartWorker
+async def test_an_agent_with_too_many_models_is_refused_with_a_clear_error(
+    aiohttp_server: AiohttpServer, start_server: StartServer
 ) -> None:
-    """A worker whose backend lists more models than the server allows stops with a
-    ConfigError that says so."""
+    """A worker whose backend lists more models than the server allows is refused with a
+    reason that says so, shows it as its last error, and keeps trying (its backend may drop
+    models) instead of exiting."""
     backend = await aiohttp_server(create_fake_ollama_app(models=["a:1", "b:1", "c:1"]))
     server = await start_server(max_models_per_worker=2)
-    url = f"http://{backend.host}:{backend.port}"
+    cfg = WorkConfig(
+        server_url=server.ws_url,
+        worker_key=WORKER_KEY,
+        backend_url=f"http://{backend.host}:{backend.port}",
+        reconnect_max=0.1,
+    )
+    agent = Agent(cfg, load_backend("ollama")(BackendSettings(url=cfg.backend_url)))
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: "too many models" in agent.last_error, what="the refusal")
+        running = not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
-    with pytest.raises(ConfigError, match=r"too many models: 3 \(at most 2\)"):
-        await start_worker(server, "ollama", backend_url=url)
+    assert "too many models: 3 (at most 2)" in agent.last_error
+    assert (True, 0) == (running, len(server.pool))
 
 
 # --- the wait queue -------------------------------------------------------------------------

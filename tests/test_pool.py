@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llamapool.errors import NoWorkerError, RoutingError, WorkersBusyError
+from llamapool.errors import NoWorkerError, RoutingError, WorkerIdInUseError, WorkersBusyError
 from llamapool.protocol import ProxyRequest
 from llamapool.server import pool as pool_module
 from llamapool.server.exchange import Exchange
@@ -29,7 +29,7 @@ class FakeLink:
     def __init__(self) -> None:
         self.closed_because: list[str] = []
 
-    def open(self, request_id: str) -> Exchange:
+    def open(self) -> Exchange:
         raise AssertionError("the pool never opens requests")
 
     def forget(self, request_id: str) -> None:
@@ -55,6 +55,7 @@ def make_worker(
     max_concurrency: int = 4,
     paths: frozenset[str] | None = None,
     name: str = "",
+    instance: str = "",
 ) -> WorkerHandle:
     return WorkerHandle(
         id=worker_id,
@@ -63,6 +64,7 @@ def make_worker(
         max_concurrency=max_concurrency,
         paths=paths,
         link=FakeLink(),
+        instance=instance,
     )
 
 
@@ -293,9 +295,10 @@ def test_removing_a_worker_twice_is_harmless() -> None:
 
 
 def test_readding_an_id_replaces_the_old_handle() -> None:
-    """add with a connected id returns the old handle, which no longer takes requests."""
-    old = make_worker("a", ["old-model"])
-    new = make_worker("a", ["new-model"])
+    """add with a connected id and the same instance secret (the same worker process on a new
+    link) returns the old handle, which no longer takes requests."""
+    old = make_worker("a", ["old-model"], instance="s3cret")
+    new = make_worker("a", ["new-model"], instance="s3cret")
     pool = pool_of(old)
 
     replaced = pool.add(new)
@@ -310,12 +313,31 @@ def test_readding_an_id_replaces_the_old_handle() -> None:
 
 def test_the_replaced_handle_leaving_does_not_remove_its_successor() -> None:
     """When the replaced connection finally closes, removing its handle keeps the new one."""
-    old, new = make_worker("a"), make_worker("a")
+    old, new = make_worker("a", instance="s3cret"), make_worker("a", instance="s3cret")
     pool = pool_of(old)
     pool.add(new)
 
     assert not pool.remove(old)
     assert new is pool.acquire("m", CHAT)
+
+
+@pytest.mark.parametrize(
+    ("connected", "newcomer"),
+    [("s3cret", "other"), ("s3cret", ""), ("", ""), ("", "s3cret")],
+)
+def test_a_connected_id_is_not_taken_without_its_instance_secret(
+    connected: str, newcomer: str
+) -> None:
+    """Another worker with the same id (anyone holding the worker key, or a second process
+    given the same WORKER_ID) is refused while the first is connected; the first keeps
+    serving."""
+    first = make_worker("a", ["m"], instance=connected)
+    pool = pool_of(first)
+
+    with pytest.raises(WorkerIdInUseError):
+        pool.add(make_worker("a", ["hijacked"], instance=newcomer))
+
+    assert ([first], first) == (list(pool), pool.acquire("m", CHAT))
 
 
 def test_set_models_replaces_what_a_worker_serves() -> None:

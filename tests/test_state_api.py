@@ -225,7 +225,7 @@ async def test_a_worker_that_leaves_shows_gone_then_is_forgotten(
     monkeypatch: pytest.MonkeyPatch, start_server: StartServer, start_worker: StartWorker
 ) -> None:
     """A departed worker stays listed as gone, then drops out after the gone retention."""
-    monkeypatch.setattr(state_api, "PUBLISH_INTERVAL", 0.01)  # prunes every 40 ticks
+    monkeypatch.setattr(state_api, "PUBLISH_INTERVAL", 0.01)  # prunes every tick
     server = await start_server(gone_retention=0.3)
     agent = await start_worker(server, "demo")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType
+from structlog.testing import capture_logs
 
 from llamapool.protocol import (
     FRAME_RESPONSE_CHUNK,
@@ -32,10 +34,10 @@ from llamapool.protocol import (
     encode,
     pack_frame,
 )
-from llamapool.server.link import WorkerLink
+from llamapool.server import link as link_module
+from llamapool.server.link import MAX_INVALID, WorkerLink
 from llamapool.server.pool import WorkerHandle
 from llamapool.server.validate import MAX_REGISTER_BYTES
-from llamapool.server.workers import MAX_IGNORED
 
 from .conftest import WORKER_KEY, PoolServer, StartServer, wait_for
 
@@ -84,10 +86,10 @@ def link(server: PoolServer, worker_id: str = "raw-1") -> WorkerLink:
 
 
 async def ignored_by(server: PoolServer, worker_id: str, count: int) -> None:
-    """Wait until the server has ignored ``count`` messages from ``worker_id``."""
+    """Wait until the server has counted ``count`` invalid messages from ``worker_id``."""
     await wait_for(
-        lambda: link(server, worker_id).ignored == count,
-        what=f"{count} ignored messages from {worker_id}",
+        lambda: link(server, worker_id).invalid == count,
+        what=f"{count} invalid messages from {worker_id}",
     )
 
 
@@ -278,21 +280,67 @@ async def test_garbage_is_ignored_and_counted_and_the_worker_keeps_serving(
 
 
 async def test_repeated_garbage_gets_the_worker_disconnected(pool_server: PoolServer) -> None:
-    """MAX_IGNORED bad messages are tolerated; past that the server closes with 1008."""
+    """MAX_INVALID bad messages in a window are tolerated; the next one closes the socket
+    with 4002, a code the worker does not take for a refused key."""
     async with raw_worker(pool_server) as ws:
-        for _ in range(MAX_IGNORED):
+        for _ in range(MAX_INVALID):
             await ws.send_str("garbage")
         await ws.send_str(HEARTBEAT)
-        await ignored_by(pool_server, "raw-1", MAX_IGNORED)
+        await ignored_by(pool_server, "raw-1", MAX_INVALID)
         still_there = pool_server.pool.get("raw-1") is not None
         await ws.send_str("one too many")
-        await ws.send_str(HEARTBEAT)
         code, reason = await closed_with(ws)
     await wait_for(lambda: 0 == len(pool_server.pool), what="the worker to leave")
 
     assert still_there
-    assert (1008, "too many invalid messages") == (code, reason)
-    assert MAX_IGNORED + 1 == await ignored_total(pool_server)
+    assert (4002, "too many invalid messages") == (code, reason)
+    assert MAX_INVALID + 1 == await ignored_total(pool_server)
+
+
+async def test_invalid_messages_are_counted_per_window_not_for_life(
+    pool_server: PoolServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the window has passed, the count starts again: a long-lived worker never adds
+    up its rare mistakes to a disconnect."""
+    monkeypatch.setattr(link_module, "INVALID_WINDOW", 0.3)
+    async with raw_worker(pool_server) as ws:
+        for _ in range(MAX_INVALID):
+            await ws.send_str("garbage")
+        await ignored_by(pool_server, "raw-1", MAX_INVALID)
+        window_over = time.monotonic() + 0.4
+        await wait_for(lambda: time.monotonic() > window_over, what="the window to pass")
+        for _ in range(MAX_INVALID):
+            await ws.send_str("garbage")
+        await ws.send_str(HEARTBEAT)
+        await ignored_by(pool_server, "raw-1", 2 * MAX_INVALID)
+
+        assert not ws.closed
+        assert 2 * MAX_INVALID == link(pool_server).invalid
+
+
+async def test_messages_for_a_request_the_server_ended_are_late_not_invalid(
+    pool_server: PoolServer,
+) -> None:
+    """A worker that keeps answering a request whose client left (it had not yet read the
+    cancel) is never disconnected for it, however often that happens."""
+    async with raw_worker(pool_server) as ws:
+        for _ in range(3):
+            chat = asyncio.create_task(post_chat(pool_server))
+            request = await next_request(ws)
+            chat.cancel()
+            cancel = await ws.receive(timeout=5)
+            rid = request.request_id
+            await ws.send_str(encode(ResponseHeaders(rid, 200, {})))
+            for _ in range(MAX_INVALID):
+                await ws.send_str(encode(ResponseChunk(rid, b"too late")))
+                await ws.send_bytes(pack_frame(FRAME_RESPONSE_CHUNK, rid, b"too late"))
+            await ws.send_str(encode(ResponseEnd(rid)))
+        await ws.send_str(HEARTBEAT)
+        late = 3 * (2 * MAX_INVALID + 2)
+        await wait_for(lambda: late == link(pool_server).late, what=f"{late} late messages")
+
+        assert ("http_proxy_cancel", 0) == (decode(cancel.data).TYPE, link(pool_server).invalid)
+        assert not ws.closed
 
 
 async def test_a_worker_cannot_answer_another_workers_request(pool_server: PoolServer) -> None:
@@ -305,15 +353,15 @@ async def test_a_worker_cannot_answer_another_workers_request(pool_server: PoolS
         chat = asyncio.create_task(post_chat(pool_server))
         request = await next_request(honest)
         rid = request.request_id
-        await thief.send_str(encode(ResponseHeaders(rid, 418, {"X-From": "thief"})))
+        await thief.send_str(encode(ResponseHeaders(rid, 418, {"Request-Id": "thief"})))
         await thief.send_str(encode(ResponseChunk(rid, b"from the thief")))
         await thief.send_bytes(pack_frame(FRAME_RESPONSE_CHUNK, rid, b"from the thief"))
         await thief.send_str(encode(ResponseEnd(rid, WireError("x", "thief ended it"))))
         await ignored_by(pool_server, "thief", 4)
-        await answer(honest, rid, b'{"from": "honest"}', **{"X-From": "honest"})
+        await answer(honest, rid, b'{"from": "honest"}', **{"Request-Id": "honest"})
         status, headers, body = await chat
 
-    assert (200, "honest", b'{"from": "honest"}') == (status, headers["X-From"], body)
+    assert (200, "honest", b'{"from": "honest"}') == (status, headers["Request-Id"], body)
 
 
 async def test_models_update_with_invalid_ids_is_ignored(start_server: StartServer) -> None:
@@ -325,7 +373,7 @@ async def test_models_update_with_invalid_ids_is_ignored(start_server: StartServ
             await ws.send_str(encode(ModelsUpdate(models)))
         await ws.send_str(encode(ModelsUpdate(["m2", "m2", "m3"])))
         await wait_for(lambda: handle(server).models == {"m2", "m3"}, what="the valid update")
-        ignored = link(server).ignored
+        ignored = link(server).invalid
         async with (
             aiohttp.ClientSession() as http,
             http.get(server.url + "/v1/models", headers=server.auth) as resp,
@@ -369,3 +417,19 @@ async def test_a_huge_error_message_from_a_worker_is_cut_in_the_state_api(
 
     assert 500 == status
     assert 0 < len(worker["last_error"]) <= 200
+
+
+async def test_a_flood_of_refused_worker_connections_logs_one_line_per_reason(
+    pool_server: PoolServer,
+) -> None:
+    """Anyone can open worker sockets with a wrong key: fifty of them log one warning (and
+    say how many more were held back in the next one), never fifty."""
+    with capture_logs() as logs:
+        for _ in range(50):
+            async with aiohttp.ClientSession() as http, http.ws_connect(pool_server.ws_url) as ws:
+                await ws.send_str(register("intruder", worker_key="wrong"))
+                code, _ = await closed_with(ws)
+                assert 1008 == code
+
+    rejected = [e for e in logs if e["event"] == "worker_rejected"]
+    assert [("bad_worker_key", 0)] == [(e["reason"], e["suppressed"]) for e in rejected]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any, ClassVar
 
 import aiohttp
@@ -17,8 +19,9 @@ import attrs
 import orjson
 from aiohttp import web
 
-from llamapool.backends import _echo
+from llamapool.backends import _echo, _echo_apis
 from llamapool.plugin_api import (
+    ANTHROPIC_PATHS,
     OLLAMA_PATHS,
     OPENAI_PATHS,
     Backend,
@@ -40,7 +43,7 @@ class EchoOptions:
 
 
 class EchoResponder:
-    """Request handlers speaking the OpenAI and Ollama HTTP APIs with echo answers."""
+    """Request handlers speaking the OpenAI, Anthropic and Ollama HTTP APIs with echo answers."""
 
     def __init__(self, options: EchoOptions | None = None) -> None:
         self.options = options or EchoOptions()
@@ -85,6 +88,74 @@ class EchoResponder:
         lines = (b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
         return await self._stream(request, "text/event-stream", [*lines, b"data: [DONE]\n\n"])
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body, model = await self._body(request, openai=True)
+        prompt = _echo_apis.responses_prompt(body)
+        answer = _capped(prompt, _int(body.get("max_output_tokens")))
+        rid = f"resp_demo_{next(self._ids)}"
+        if not body.get("stream"):
+            return _json(_echo_apis.response(model, answer, rid=rid))
+        events = _echo_apis.response_events(model, answer, rid=rid)
+        return await self._stream(request, "text/event-stream", _sse(events, named=True))
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        body, model = await self._body(request, openai=True)
+        documents = body.get("documents")
+        query = body.get("query")
+        return _json(
+            _echo_apis.rerank(
+                model,
+                query if isinstance(query, str) else "",
+                documents if isinstance(documents, list) else [],
+                rid=f"rerank-demo-{next(self._ids)}",
+            )
+        )
+
+    async def score(self, request: web.Request) -> web.Response:
+        body, model = await self._body(request, openai=True)
+        first = _echo.inputs(body.get("text_1"))
+        texts = _echo.inputs(body.get("text_2"))
+        rid = f"score-demo-{next(self._ids)}"
+        return _json(_echo_apis.score(model, first[0] if first else "", texts, rid=rid))
+
+    async def transcriptions(self, request: web.Request) -> web.Response:
+        """Transcriptions and translations: the echo names the uploaded file and its size."""
+        fields, filename, size = await _read_form(request)
+        if fields.get("model") not in self.options.models:
+            raise _error(404, f"model {fields.get('model')!r} not found", openai=True)
+        return _json(_echo_apis.transcription(filename, size))
+
+    async def speech(self, request: web.Request) -> web.Response:
+        body, _ = await self._body(request, openai=True)
+        text = body.get("input") if isinstance(body.get("input"), str) else ""
+        return web.Response(body=b"ID3" + str(text).encode(), content_type="audio/mpeg")
+
+    async def image_generations(self, request: web.Request) -> web.Response:
+        body, _ = await self._body(request, openai=True)
+        return _json(_echo_apis.images(_int(body.get("n")) or 1))
+
+    async def image_edits(self, request: web.Request) -> web.Response:
+        fields, _, _ = await _read_form(request)
+        if fields.get("model") not in self.options.models:
+            raise _error(404, f"model {fields.get('model')!r} not found", openai=True)
+        n = fields.get("n", "1")
+        return _json(_echo_apis.images(int(n) if n.isdigit() else 1))
+
+    # Anthropic ------------------------------------------------------------------------------
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body, model = await self._body(request, openai=True)
+        answer = _capped(_echo.chat_prompt(body), _int(body.get("max_tokens")))
+        rid = f"msg_demo_{next(self._ids)}"
+        if not body.get("stream"):
+            return _json(_echo_apis.message(model, answer, rid=rid))
+        events = _echo_apis.message_events(model, answer, rid=rid)
+        return await self._stream(request, "text/event-stream", _sse(events, named=True))
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        body, _ = await self._body(request, openai=True)
+        return _json(_echo_apis.count_tokens(_echo.chat_prompt(body)))
+
     # Ollama ---------------------------------------------------------------------------------
 
     async def api_tags(self, request: web.Request) -> web.Response:
@@ -102,6 +173,15 @@ class EchoResponder:
     async def api_embed(self, request: web.Request) -> web.Response:
         body, model = await self._body(request, openai=False)
         return _json(_echo.ollama_embed(model, _echo.inputs(body.get("input"))))
+
+    async def api_embeddings(self, request: web.Request) -> web.Response:
+        body, _ = await self._body(request, openai=False)
+        prompt = body.get("prompt")
+        return _json(_echo_apis.ollama_embeddings(prompt if isinstance(prompt, str) else ""))
+
+    async def api_show(self, request: web.Request) -> web.Response:
+        _, model = await self._body(request, openai=False)
+        return _json(_echo_apis.ollama_show(model))
 
     async def _ollama_answer(
         self, request: web.Request, body: dict[str, Any], model: str, prompt: str, *, chat: bool
@@ -142,20 +222,79 @@ class EchoResponder:
         await response.write_eof()
         return response
 
-    def add_routes(self, app: web.Application) -> None:
-        """Serve every route at its usual path (what the demo runtime and a fake Ollama do)."""
+    def routes(self) -> list[web.RouteDef]:
+        """Every route at its usual path (what the demo runtime and a fake Ollama serve)."""
+        post = {
+            "/v1/chat/completions": self.chat_completions,
+            "/v1/completions": self.completions,
+            "/v1/embeddings": self.embeddings,
+            "/v1/responses": self.responses,
+            "/v1/rerank": self.rerank,
+            "/rerank": self.rerank,
+            "/v1/score": self.score,
+            "/v1/audio/transcriptions": self.transcriptions,
+            "/v1/audio/translations": self.transcriptions,
+            "/v1/audio/speech": self.speech,
+            "/v1/images/generations": self.image_generations,
+            "/v1/images/edits": self.image_edits,
+            "/v1/messages": self.messages,
+            "/v1/messages/count_tokens": self.count_tokens,
+            "/api/generate": self.api_generate,
+            "/api/chat": self.api_chat,
+            "/api/embed": self.api_embed,
+            "/api/embeddings": self.api_embeddings,
+            "/api/show": self.api_show,
+        }
+        return [
+            web.get("/v1/models", self.v1_models),
+            web.get("/api/tags", self.api_tags),
+            *(web.post(path, handler) for path, handler in post.items()),
+        ]
+
+    def add_routes(self, app: web.Application, paths: Collection[str] | None = None) -> None:
+        """Serve the routes at ``paths`` (every route when ``None``)."""
         app.add_routes(
-            [
-                web.get("/v1/models", self.v1_models),
-                web.post("/v1/chat/completions", self.chat_completions),
-                web.post("/v1/completions", self.completions),
-                web.post("/v1/embeddings", self.embeddings),
-                web.get("/api/tags", self.api_tags),
-                web.post("/api/generate", self.api_generate),
-                web.post("/api/chat", self.api_chat),
-                web.post("/api/embed", self.api_embed),
-            ]
+            r
+            for r in self.routes()
+            if paths is None or (isinstance(r, web.RouteDef) and r.path in paths)
         )
+
+
+def _sse(events: Iterable[dict[str, Any]], *, named: bool) -> Iterator[bytes]:
+    """Server-sent events; ``named`` adds the ``event:`` line Anthropic and Responses use."""
+    for event in events:
+        head = b"event: " + str(event["type"]).encode() + b"\n" if named else b""
+        yield head + b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _read_form(request: web.Request) -> tuple[dict[str, str], str, int]:
+    """A multipart form's text fields, and the name and size of its (last) file.
+
+    Parsed from the whole body (``request.read()``, which the fakes' recorder has cached).
+    """
+    head = f"Content-Type: {request.headers.get('Content-Type', '')}\r\n\r\n".encode()
+    form = BytesParser(policy=HTTP).parsebytes(head + await request.read())
+    if not form.is_multipart():
+        raise _error(400, "the body is not a multipart form", openai=True)
+    fields: dict[str, str] = {}
+    filename, size = "", 0
+    for part in form.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        if part.get_filename() is not None:
+            filename, size = str(part.get_filename()), len(data)
+        elif isinstance(name, str):
+            fields[name] = data.decode("utf-8", "replace")
+    return fields, filename, size
+
+
+def _capped(prompt: str, limit: int | None) -> _echo.Echo:
+    """The echo, cut at ``limit`` tokens (a cap, as Anthropic's and Responses' limits are)."""
+    answer = _echo.echo(prompt)
+    if limit is not None and 0 < limit < answer.completion_tokens:
+        return _echo.echo(prompt, limit=limit)
+    return answer
 
 
 def _int(value: Any) -> int | None:
@@ -185,9 +324,9 @@ def create_echo_app(options: EchoOptions | None = None) -> web.Application:
 
 
 class DemoBackend(Backend):
-    """Serves every OpenAI and Ollama path from an in-process echo runtime."""
+    """Serves every OpenAI, Anthropic and Ollama path from an in-process echo runtime."""
 
-    paths: ClassVar[frozenset[str]] = OPENAI_PATHS | OLLAMA_PATHS
+    paths: ClassVar[frozenset[str]] = OPENAI_PATHS | ANTHROPIC_PATHS | OLLAMA_PATHS
     default_url: ClassVar[str] = ""
 
     def __init__(self, settings: BackendSettings, *, options: EchoOptions | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from pathlib import Path
 
 import structlog
@@ -11,12 +12,23 @@ from aiohttp import web
 
 from llamapool.build import build_info
 from llamapool.config import ServeConfig
-from llamapool.server import middleware, ollama, openai, openapi, state_api
-from llamapool.server.appkeys import ACTIVE_REQUESTS, CONFIG, POOL, SCHEDULER, SOCKETS, STATE
+from llamapool.log import Throttle
+from llamapool.protocol import CLOSE_GOING_AWAY
+from llamapool.server import middleware, ollama, openai, openapi, relay, state_api
+from llamapool.server.appkeys import (
+    CONFIG,
+    LOG_THROTTLE,
+    POOL,
+    REGISTRY,
+    SCHEDULER,
+    SOCKETS,
+    STATE,
+)
 from llamapool.server.http_errors import json_response
-from llamapool.server.link import CLOSE_GOING_AWAY
 from llamapool.server.metrics import ServerMetrics
 from llamapool.server.pool import Pool
+from llamapool.server.registry import Registry
+from llamapool.server.routes import MODEL_ROUTES
 from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
 from llamapool.server.workers import evict_silent_workers, worker_socket
@@ -90,7 +102,6 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         middlewares=[
             middleware.request_ids,
             middleware.json_errors,
-            middleware.connection_limit,
             middleware.client_auth,
         ],
     )
@@ -98,7 +109,12 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app[POOL] = pool = pool if pool is not None else Pool()
     build = build_info()
     app[STATE] = state = PoolState(
-        pool, ServerMetrics(build), build, gone_retention=cfg.gone_retention
+        pool,
+        ServerMetrics(build),
+        build,
+        gone_retention=cfg.gone_retention,
+        max_gone_workers=cfg.max_workers,
+        max_gone_models=cfg.max_models_per_worker,
     )
     app[SCHEDULER] = Scheduler(
         pool,
@@ -107,8 +123,12 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         on_change=state.queue_changed,
     )
     state.queued_for = app[SCHEDULER].queued_for
+    app[REGISTRY] = Registry(pool, state, app[SCHEDULER])
     app[SOCKETS] = set()
-    app[ACTIVE_REQUESTS] = [0]
+    app[LOG_THROTTLE] = Throttle()
+    app[relay.MODELS_IN_FLIGHT] = Counter()
+    #: Model routes the pool answers itself when no worker serves the path for the model.
+    fallbacks = {"/api/show": ollama.show_from_pool}
     app.add_routes(
         [
             web.get("/healthz", healthz),
@@ -117,21 +137,23 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
             # llamapool's own API
             web.get("/api/v1/state", state_api.state),
             web.get("/api/v1/state/stream", state_api.state_stream),
-            web.get("/", to_dashboard),
+            web.get("/", ollama.root),  # Ollama's probe answer; browsers: the dashboard
             web.get("/dashboard", to_dashboard),
             web.get("/dashboard/", dashboard),
             web.get("/dashboard/assets/{name}", dashboard_asset),
-            # OpenAI
-            web.post("/v1/chat/completions", openai.chat_completions),
-            web.post("/v1/completions", openai.completions),
-            web.post("/v1/embeddings", openai.embeddings),
+            # Every model endpoint, relayed by model (the table is routes.MODEL_ROUTES)
+            *(
+                web.post(r.path, relay.model_handler(r, otherwise=fallbacks.get(r.path)))
+                for r in MODEL_ROUTES
+            ),
+            # OpenAI, answered by the pool
             web.get("/v1/models", openai.list_models),
             web.get("/v1/models/{id:.+}", openai.get_model),
-            # Ollama
-            web.post("/api/generate", ollama.generate),
-            web.post("/api/chat", ollama.chat),
-            web.post("/api/embed", ollama.embed),
+            # Ollama, answered by the pool
             web.get("/api/tags", ollama.tags),
+            web.get("/api/ps", ollama.ps),
+            web.get("/api/version", ollama.version),
+            *(web.route(method, path, ollama.not_managed) for method, path in ollama.MANAGEMENT),
         ]
     )
     if cfg.metrics_port is None:

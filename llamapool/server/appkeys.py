@@ -5,7 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from llamapool.config import ServeConfig
+from llamapool.log import Throttle
 from llamapool.server.pool import Pool
+from llamapool.server.registry import Registry
 from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
 
@@ -14,5 +16,7 @@ POOL = web.AppKey("pool", Pool)
 SOCKETS: web.AppKey[set[web.WebSocketResponse[bool]]] = web.AppKey("sockets")
 STATE = web.AppKey("state", PoolState)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
-#: Client requests being handled now (a one-element list: a mutable counter).
-ACTIVE_REQUESTS: web.AppKey[list[int]] = web.AppKey("active_requests")
+REGISTRY = web.AppKey("registry", Registry)
+#: One log line per kind of refusal and interval for what anyone can cause at will (a flood
+#: of worker connections with a wrong key).
+LOG_THROTTLE = web.AppKey("log_throttle", Throttle)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import attrs
 import structlog
 from aiohttp import web
 
 from llamapool import protocol
+from llamapool.errors import ProtocolError
 from llamapool.protocol import (
+    CLOSE_GOING_AWAY,
     FRAME_REQUEST_BODY,
     FRAME_RESPONSE_CHUNK,
     Cancel,
@@ -24,12 +27,10 @@ from llamapool.server.exchange import Broken, Ended, Exchange
 
 log = structlog.get_logger("llamapool.server")
 
-#: WebSocket close code for a policy violation (bad register, bad key).
-CLOSE_POLICY = 1008
-#: WebSocket close code for "going away" (server shutdown, replaced, evicted).
-CLOSE_GOING_AWAY = 1001
-
-
+#: Messages that could never be valid, tolerated per :data:`INVALID_WINDOW` seconds before
+#: the worker is disconnected: a rate, so a long-lived worker never adds up to it by chance.
+MAX_INVALID = 100
+INVALID_WINDOW = 60.0
 #: Response bytes a flow-controlled worker may send ahead of what the client has read.
 FLOW_WINDOW = 1024 * 1024
 #: Response bytes held for a slow client of a worker without flow control (a Go worker).
@@ -37,7 +38,14 @@ UNCONTROLLED_BUFFER = 8 * 1024 * 1024
 
 
 class WorkerLink:
-    """Requests in flight on one worker connection, by wire request id."""
+    """Requests in flight on one worker connection, by wire request id.
+
+    Wire ids are this link's sequence numbers (``"1"``, ``"2"``, ...), so telling a late
+    message from garbage costs no memory: a message for a request that is no longer in flight
+    is *late* when its id is one this link once sent (the worker had not yet seen the cancel,
+    or finished as the client left), which is harmless and expected; any other id could
+    never have been valid.
+    """
 
     def __init__(self, ws: web.WebSocketResponse, *, binary: bool, flow: bool = False) -> None:
         self.ws = ws
@@ -45,20 +53,59 @@ class WorkerLink:
         #: The worker honours per-request credit (it sends at most what was granted).
         self.flow = flow
         self.exchanges: dict[str, Exchange] = {}
-        #: Malformed or misaddressed messages (too many and the worker is disconnected).
-        self.ignored = 0
+        #: Messages that could never be valid (too many per window and the worker is closed).
+        self.invalid = 0
+        #: Messages for requests this link sent but that are no longer in flight (harmless).
+        self.late = 0
         #: Well-formed messages of a type this server does not know (ignored, counted).
         self.unknown = 0
+        self._issued = 0
+        self._window_start = 0.0
+        self._window_invalid = 0
         self._closing: asyncio.Task[bool] | None = None
         self._cancelling: set[asyncio.Task[None]] = set()
 
-    def open(self, request_id: str) -> Exchange:
+    def open(self) -> Exchange:
+        """A new request on this link, under the next wire id."""
+        self._issued += 1
+        request_id = str(self._issued)
         # A flow-controlled worker overshoots its window by at most one chunk.
         limit = 2 * FLOW_WINDOW + 1024 * 1024 if self.flow else UNCONTROLLED_BUFFER
         exchange = self.exchanges[request_id] = Exchange(
             request_id, limit=limit, on_overflow=self._overflowed
         )
         return exchange
+
+    @property
+    def ignored(self) -> int:
+        """Every message dropped without effect: invalid, late or of an unknown type."""
+        return self.invalid + self.late + self.unknown
+
+    @property
+    def misbehaving(self) -> bool:
+        """More invalid messages in the current window than a working peer ever sends."""
+        return self._window_invalid > MAX_INVALID
+
+    def count_invalid(self) -> None:
+        """One message that could never be valid (malformed, or a request never sent)."""
+        now = time.monotonic()
+        if now - self._window_start > INVALID_WINDOW:
+            self._window_start, self._window_invalid = now, 0
+        self._window_invalid += 1
+        self.invalid += 1
+
+    def _stray(self, request_id: str) -> None:
+        """A message for a request not in flight: late if this link ever sent its id."""
+        if (
+            request_id.isascii()
+            and request_id.isdigit()
+            and not request_id.startswith("0")
+            and len(request_id) <= 20
+            and int(request_id) <= self._issued
+        ):
+            self.late += 1
+        else:
+            self.count_invalid()
 
     def _overflowed(self, request_id: str) -> None:
         """A stalled client's buffer is full: stop the worker now (the relay ends the response
@@ -100,11 +147,11 @@ class WorkerLink:
             await self.ws.send_str(protocol.encode(Cancel(request_id)))
 
     def dispatch(self, message: ResponseHeaders | ResponseChunk | ResponseEnd) -> None:
-        """Route a response message to its request; one for a request we do not know is
-        ignored (it may have been cancelled a moment ago)."""
+        """Route a response message to its request (one for a request no longer in flight is
+        dropped: see :meth:`_stray`)."""
         exchange = self.exchanges.get(message.request_id)
         if exchange is None:
-            self.ignored += 1
+            self._stray(message.request_id)
             return
         match message:
             case ResponseHeaders():
@@ -115,10 +162,18 @@ class WorkerLink:
                 exchange.push(Ended(error))
 
     def dispatch_frame(self, frame: bytes) -> None:
-        kind, request_id, payload = protocol.unpack_frame(frame)
+        """Route a binary response chunk to its request."""
+        try:
+            kind, request_id, payload = protocol.unpack_frame(frame)
+        except ProtocolError:
+            self.count_invalid()
+            return
+        if kind != FRAME_RESPONSE_CHUNK:
+            self.count_invalid()
+            return
         exchange = self.exchanges.get(request_id)
-        if kind != FRAME_RESPONSE_CHUNK or exchange is None:
-            self.ignored += 1
+        if exchange is None:
+            self._stray(request_id)
             return
         exchange.push(payload)
 

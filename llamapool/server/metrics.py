@@ -2,10 +2,15 @@
 
 The first four keep the Go version's exact names and labels so existing dashboards and alerts
 work unchanged. Labels stay bounded: models and worker ids come from registered workers (never
-from what a client asks for), and there are no request ids or free text.
+from what a client asks for), and there are no request ids or free text. The series of a model
+or worker that is gone are removed (:meth:`ServerMetrics.forget_model`,
+:meth:`ServerMetrics.forget_worker_model`), when :class:`~llamapool.server.state.PoolState`
+forgets it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,7 +23,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from llamapool.build import BuildInfo
 
-__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics", "generate_latest"]
+__all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "TOKEN_KINDS", "ServerMetrics", "generate_latest"]
+
+#: Label values of ``outcome`` in llamapool_model_requests_total: success, error, cancelled.
+OUTCOMES = ("success", "error", "cancelled")
+#: Label values of ``kind`` in llamapool_model_tokens_total.
+TOKEN_KINDS = ("in", "out")
 
 #: Latency buckets from 5 ms to 10 min: LLM requests range from embeddings to long generations.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -105,5 +115,24 @@ class ServerMetrics:
             registry=r,
         )
 
+    def forget_model(self, model: str) -> None:
+        """Remove every per-model series of a model that is gone."""
+        _remove(self.model_workers, model)
+        _remove(self.time_to_first_byte, model)
+        for outcome in OUTCOMES:
+            _remove(self.model_requests, model, outcome)
+        for kind in TOKEN_KINDS:
+            _remove(self.model_tokens, model, kind)
+
+    def forget_worker_model(self, worker_id: str, model: str) -> None:
+        """Remove the series of one worker for one model (the worker or the model is gone)."""
+        _remove(self.request_duration, worker_id, model)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    # prometheus-client before 0.20 raises KeyError for a series that was never created.
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)

@@ -8,7 +8,7 @@ import uuid
 import structlog
 from aiohttp import web
 
-from llamapool.server.appkeys import ACTIVE_REQUESTS, CONFIG, STATE
+from llamapool.server.appkeys import CONFIG, STATE
 from llamapool.server.http_errors import error_response, flavor_for
 from llamapool.server.relay import REQUEST_ID, Handler
 from llamapool.server.workers import key_matches
@@ -16,34 +16,11 @@ from llamapool.server.workers import key_matches
 log = structlog.get_logger("llamapool.server")
 
 _VALID_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
-#: Routes under these prefixes need ``Authorization: Bearer <API_KEY>`` when keys are set.
+#: Routes under these prefixes need ``Authorization: Bearer <API_KEY>`` (or ``x-api-key``)
+#: when keys are set.
 PROTECTED = ("/v1/", "/api/")
-
-
-@web.middleware
-async def connection_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """At most ``max_connections`` client requests at once; past that, a quick 503.
-
-    Worker sockets are long-lived and bounded on their own (``max_workers``).
-    """
-    cfg = request.app[CONFIG]
-    if request.path == cfg.ws_path:
-        return await handler(request)  # type: ignore[no-any-return]
-    active = request.app[ACTIVE_REQUESTS]
-    if active[0] >= cfg.max_connections:
-        request.app[STATE].rejected("overloaded")
-        return error_response(
-            flavor_for(request.path),
-            503,
-            "the server is handling too many requests; retry shortly",
-            code="overloaded",
-            headers={"Retry-After": "1"},
-        )
-    active[0] += 1
-    try:
-        return await handler(request)  # type: ignore[no-any-return]
-    finally:
-        active[0] -= 1
+#: ... except these, open on Ollama itself, which clients probe before sending a key.
+OPEN = frozenset({"/api/version"})
 
 
 @web.middleware
@@ -97,12 +74,17 @@ async def client_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     """Check the API key on the API routes; ``/healthz`` and the worker socket stay open."""
     cfg = request.app[CONFIG]
     keys = cfg.api_keys
-    protected = request.path.startswith(PROTECTED) or (
-        cfg.metrics_require_key and request.path == "/metrics"
+    path = request.path
+    protected = (
+        (path.startswith(PROTECTED) and path not in OPEN)
+        or path == "/rerank"  # the one model route outside /v1 (vLLM's spelling)
+        or (cfg.metrics_require_key and path == "/metrics")
     )
     if keys and protected:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
+        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not key_matches(token.strip(), keys):
             request.app[STATE].rejected("unauthorized")
             return error_response(
                 flavor_for(request.path),

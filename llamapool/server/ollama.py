@@ -1,33 +1,159 @@
-"""Ollama's native API: generation relayed to workers, ``/api/tags`` answered by the pool."""
+"""Ollama's native API, the parts the pool answers itself.
+
+Generation and embeddings are relayed (see :mod:`llamapool.server.routes`); the model list,
+the version, the running models, model details for backends that are not Ollama, the probe
+at ``/`` and a clear refusal of model management are the pool's to answer.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 from aiohttp import web
 
 from llamapool.server.appkeys import POOL
-from llamapool.server.http_errors import Flavor, json_response
-from llamapool.server.relay import proxy_route
+from llamapool.server.http_errors import Flavor, error_response, json_response
+from llamapool.server.pool import ModelInfo, WorkerHandle, fallback_names
+from llamapool.server.relay import MODELS_IN_FLIGHT
 
-generate = proxy_route(Flavor.OLLAMA, stream_default=True)
-chat = proxy_route(Flavor.OLLAMA, stream_default=True)
-embed = proxy_route(Flavor.OLLAMA, stream_default=False)
+#: The Ollama version the pool says it is. Clients read it to check the server is Ollama and,
+#: some, that it is recent enough for what they use (``/api/embed``, tool calls, the
+#: ``capabilities`` of ``/api/show``); the pool relays those, so it names a release that has
+#: them. It is fixed rather than taken from the workers: Go workers do not report it.
+OLLAMA_VERSION = "0.6.4"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _digest(model: str) -> str:
+    return hashlib.sha256(model.encode()).hexdigest()
+
+
+def _details() -> dict[str, Any]:
+    """Ollama's ``details``: what the pool cannot know stays empty, never invented."""
+    return {
+        "parent_model": "",
+        "format": "",
+        "family": "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": "",
+    }
 
 
 async def tags(request: web.Request) -> web.Response:
-    """``GET /api/tags``: the models of every connected worker, in Ollama's shape."""
+    """``GET /api/tags``: the models of every connected worker, in Ollama's shape, once each."""
     models = []
     for info in request.app[POOL].models():
         models.append(
             {
                 "name": info.id,
                 "model": info.id,
-                "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created)),
+                "modified_at": _iso(info.created),
                 "size": 0,
-                "digest": hashlib.sha256(info.id.encode()).hexdigest(),
+                "digest": _digest(info.id),
                 "details": {},
             }
         )
     return json_response({"models": models})
+
+
+async def root(request: web.Request) -> web.Response:
+    """``GET /`` and ``HEAD /``: Ollama's probe answer; a browser is sent to the dashboard."""
+    if "text/html" in request.headers.get("Accept", ""):
+        raise web.HTTPFound("/dashboard/")
+    return web.Response(text="Ollama is running", content_type="text/plain")
+
+
+async def version(request: web.Request) -> web.Response:
+    """``GET /api/version`` (no key, as on Ollama): the Ollama version clients may rely on."""
+    return json_response({"version": OLLAMA_VERSION})
+
+
+async def ps(request: web.Request) -> web.Response:
+    """``GET /api/ps``: the models with requests in flight anywhere in the pool.
+
+    What each Ollama backend itself holds in memory is not asked for (yet): a model shows
+    here while the pool is serving it.
+    """
+    in_flight = request.app[MODELS_IN_FLIGHT]
+    models = [
+        {
+            "name": model,
+            "model": model,
+            "size": 0,
+            "digest": _digest(model),
+            "details": _details(),
+            "expires_at": _iso(time.time() + 300),
+            "size_vram": 0,
+        }
+        for model in sorted(m for m, n in in_flight.items() if n > 0)
+    ]
+    return json_response({"models": models})
+
+
+#: What a backend's paths say a model can do, in ``/api/show``'s ``capabilities``.
+_CAPABILITIES = (
+    ("completion", ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate")),
+    ("embedding", ("/v1/embeddings", "/api/embed", "/api/embeddings")),
+)
+
+
+def _capabilities(workers: tuple[WorkerHandle, ...]) -> list[str]:
+    paths: set[str] = set()
+    for worker in workers:
+        if worker.paths is None:
+            return ["completion"]
+        paths |= worker.paths
+    return [name for name, needs in _CAPABILITIES if paths.intersection(needs)]
+
+
+async def show_from_pool(request: web.Request, model: str) -> web.Response:
+    """``POST /api/show`` for a model no Ollama worker serves: what the pool knows of it.
+
+    The shape is Ollama's, as its clients read it (``model_info`` must be present); the
+    capabilities follow from the API paths its workers' backends serve. The context length
+    is not known to the pool, so it is not made up.
+    """
+    by_id: dict[str, ModelInfo] = {m.id: m for m in request.app[POOL].models()}
+    info = next((by_id[n] for n in fallback_names(model) if n in by_id), None)
+    if info is None:
+        return error_response(Flavor.OLLAMA, 404, f"model '{model}' not found")
+    backends = sorted({w.backend for w in info.workers if w.backend})
+    return json_response(
+        {
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": _details(),
+            "model_info": {"general.basename": info.id, "llamapool.backends": backends},
+            "capabilities": _capabilities(info.workers),
+            "modified_at": _iso(info.created),
+        }
+    )
+
+
+async def not_managed(request: web.Request) -> web.Response:
+    """``/api/pull``, ``push``, ``create``, ``copy``, ``delete``: the pool does not manage
+    models; each worker's runtime does."""
+    action = request.path.rsplit("/", 1)[-1]
+    return error_response(
+        Flavor.OLLAMA,
+        403,
+        f"llamapool does not manage models ({action} is not available through the pool): "
+        "manage them on the worker machines' own runtimes",
+    )
+
+
+#: Ollama's model management endpoints, with their methods.
+MANAGEMENT = (
+    ("POST", "/api/pull"),
+    ("POST", "/api/push"),
+    ("POST", "/api/create"),
+    ("POST", "/api/copy"),
+    ("DELETE", "/api/delete"),
+)

@@ -1,4 +1,7 @@
-"""The OpenAI API: completions relayed to workers, the model list answered by the pool."""
+"""The OpenAI API, the parts the pool answers itself: the model list and one model.
+
+Completions, embeddings and the rest are relayed (see :mod:`llamapool.server.routes`).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,6 @@ from aiohttp import web
 from llamapool.server.appkeys import POOL
 from llamapool.server.http_errors import Flavor, error_response, json_response
 from llamapool.server.pool import ModelInfo, fallback_names
-from llamapool.server.relay import proxy_route
-
-chat_completions = proxy_route(Flavor.OPENAI, stream_default=False)
-completions = proxy_route(Flavor.OPENAI, stream_default=False)
-embeddings = proxy_route(Flavor.OPENAI, stream_default=False)
 
 
 def _model(info: ModelInfo) -> dict[str, Any]:
@@ -26,7 +24,7 @@ def _model(info: ModelInfo) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: every model some connected worker serves."""
+    """``GET /v1/models``: every model some connected worker serves, once each."""
     models = request.app[POOL].models()
     return json_response({"object": "list", "data": [_model(m) for m in models]})
 

@@ -15,7 +15,9 @@ from aiohttp import web
 from llamapool.build import build_info
 from llamapool.config import ServeConfig
 from llamapool.server.appkeys import CONFIG
-from llamapool.server.http_errors import json_response
+from llamapool.server.http_errors import Flavor, json_response
+from llamapool.server.ollama import MANAGEMENT
+from llamapool.server.routes import MODEL_ROUTES, Body
 
 Schema = dict[str, Any]
 
@@ -32,6 +34,18 @@ _OPENAI_ERROR: Schema = {
                 "code": {"type": ["string", "null"]},
             },
         }
+    },
+}
+_ANTHROPIC_ERROR: Schema = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
     },
 }
 _OLLAMA_ERROR: Schema = {
@@ -52,6 +66,7 @@ _MODEL: Schema = {
 _SCHEMAS: dict[str, Schema] = {
     "OpenAIError": _OPENAI_ERROR,
     "OllamaError": _OLLAMA_ERROR,
+    "AnthropicError": _ANTHROPIC_ERROR,
     "ModelRequest": {
         "type": "object",
         "description": "Only 'model' and 'stream' are checked; every field reaches the backend.",
@@ -61,6 +76,22 @@ _SCHEMAS: dict[str, Schema] = {
             "stream": {"type": "boolean"},
         },
         "additionalProperties": True,
+    },
+    "ModelForm": {
+        "type": "object",
+        "description": "A multipart form: only the text field 'model' (and 'stream') is read; "
+        "the body, boundary and uploads included, reaches the backend byte for byte.",
+        "required": ["model"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1, "pattern": "\\S"},
+            "file": {"type": "string", "contentMediaType": "application/octet-stream"},
+        },
+        "additionalProperties": True,
+    },
+    "Version": {
+        "type": "object",
+        "required": ["version"],
+        "properties": {"version": {"type": "string"}},
     },
     "Model": _MODEL,
     "ModelList": {
@@ -112,9 +143,12 @@ _SCHEMAS: dict[str, Schema] = {
 
 #: What each error status means, by the code that answers it.
 _ERRORS = {
-    400: "The body is not JSON (or not in its Content-Encoding), not an object, or has no "
-    "non-empty string 'model' or a non-boolean 'stream' (code 'invalid_request').",
+    400: "The body is not JSON (a form on multipart routes; or not in its Content-Encoding), "
+    "not an object, or has no non-empty string 'model' or a non-boolean 'stream' "
+    "(code 'invalid_request').",
     401: "Missing or wrong API key (code 'invalid_api_key').",
+    403: "The pool does not manage models: pull, push, create, copy and delete are done on "
+    "the workers' own runtimes.",
     404: "No connected worker serves the model (code 'model_not_found').",
     405: "The path exists but not with this method; the Allow header names the methods.",
     413: "The body is larger than the limit of {limit} bytes.",
@@ -142,8 +176,10 @@ class _Builder:
         self.cfg = cfg
         self.paths: dict[str, dict[str, Schema]] = {}
 
-    def errors(self, statuses: tuple[int, ...], *, ollama: bool) -> dict[str, Schema]:
-        error = _ref("OllamaError" if ollama else "OpenAIError")
+    def errors(
+        self, statuses: tuple[int, ...], *, ollama: bool, anthropic: bool = False
+    ) -> dict[str, Schema]:
+        error = _ref("OllamaError" if ollama else "AnthropicError" if anthropic else "OpenAIError")
         limit = self.cfg.max_body_size
         return {str(s): _json(error, _ERRORS[s].format(limit=limit)) for s in statuses}
 
@@ -152,17 +188,22 @@ class _Builder:
         method: str,
         path: str,
         summary: str,
-        ok: Schema,
+        ok: Schema | None,
         *,
         protected: bool,
         errors: tuple[int, ...] = (503,),
         ollama: bool = False,
+        anthropic: bool = False,
         body: bool = False,
+        form: bool = False,
         parameters: list[Schema] | None = None,
     ) -> None:
         secured = protected and bool(self.cfg.api_keys)
         statuses = tuple(sorted({*errors, *((401,) if secured else ())}))
-        responses = {"200": ok, **self.errors(statuses, ollama=ollama)}
+        responses = {
+            **({"200": ok} if ok is not None else {}),
+            **self.errors(statuses, ollama=ollama, anthropic=anthropic),
+        }
         operation: Schema = {
             "summary": summary,
             "security": [{"bearer": []}] if secured else [],
@@ -171,20 +212,28 @@ class _Builder:
         if parameters:
             operation["parameters"] = parameters
         if body:
+            media, schema = (
+                ("multipart/form-data", "ModelForm")
+                if form
+                else ("application/json", "ModelRequest")
+            )
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": _ref("ModelRequest")}},
+                "content": {media: {"schema": _ref(schema)}},
             }
             responses["default"] = {
                 "description": "Any other status the backend answered, relayed unchanged."
             }
         self.paths.setdefault(path, {})[method] = operation
 
-    def relay(self, path: str, summary: str, *, ollama: bool) -> None:
+    def relay(
+        self, path: str, summary: str, *, flavor: Flavor, stream: bool, form: bool = False
+    ) -> None:
+        ollama = flavor is Flavor.OLLAMA
         stream_type = "application/x-ndjson" if ollama else "text/event-stream"
         ok = {
             "description": "The backend's answer, relayed unchanged ("
-            + ("streamed unless 'stream' is false)." if ollama else "streamed if 'stream')."),
+            + ("streamed unless 'stream' is false)." if stream else "streamed if 'stream')."),
             "content": {
                 "application/json": {"schema": {"type": "object"}},
                 stream_type: {"schema": {"type": "string"}},
@@ -198,7 +247,9 @@ class _Builder:
             protected=True,
             errors=_RELAY_ERRORS,
             ollama=ollama,
+            anthropic=flavor is Flavor.ANTHROPIC,
             body=True,
+            form=form,
         )
 
 
@@ -230,9 +281,6 @@ def build_document(cfg: ServeConfig) -> Schema:
     b.add(
         "get", "/api/v1/state/stream", "The pool state as server-sent events.", sse, protected=True
     )
-    b.relay("/v1/chat/completions", "OpenAI chat completion.", ollama=False)
-    b.relay("/v1/completions", "OpenAI text completion.", ollama=False)
-    b.relay("/v1/embeddings", "OpenAI embeddings.", ollama=False)
     b.add(
         "get",
         "/v1/models",
@@ -256,9 +304,6 @@ def build_document(cfg: ServeConfig) -> Schema:
         errors=(404, 503),
         parameters=[model_id],
     )
-    b.relay("/api/generate", "Ollama generate.", ollama=True)
-    b.relay("/api/chat", "Ollama chat.", ollama=True)
-    b.relay("/api/embed", "Ollama embeddings.", ollama=True)
     b.add(
         "get",
         "/api/tags",
@@ -267,6 +312,46 @@ def build_document(cfg: ServeConfig) -> Schema:
         protected=True,
         ollama=True,
     )
+    for route in MODEL_ROUTES:
+        b.relay(
+            route.path,
+            route.summary,
+            flavor=route.flavor,
+            stream=route.stream_default,
+            form=route.body is Body.MULTIPART,
+        )
+    b.add(
+        "get",
+        "/api/version",
+        "The Ollama version the pool answers as (no key, as on Ollama).",
+        _json(_ref("Version"), "The version."),
+        protected=False,
+        ollama=True,
+    )
+    b.add(
+        "get",
+        "/api/ps",
+        "The models with requests in flight, Ollama's way.",
+        _json(_ref("Tags"), "The models."),
+        protected=True,
+        ollama=True,
+    )
+    for method, path in MANAGEMENT:
+        b.add(
+            method.lower(),
+            path,
+            "Not available: the pool does not manage models.",
+            None,
+            protected=True,
+            errors=(403,),
+            ollama=True,
+        )
+    probe = {
+        "description": "'Ollama is running' (a browser asking for text/html is redirected "
+        "to the dashboard).",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    b.add("get", "/", "Ollama's probe answer.", probe, protected=False, errors=())
     limit = cfg.max_body_size
     return {
         "openapi": "3.1.0",
@@ -275,8 +360,8 @@ def build_document(cfg: ServeConfig) -> Schema:
             "version": build_info().version,
             "description": "Private LLM machines pooled behind one OpenAI- and "
             "Ollama-compatible endpoint. Every error is JSON: OpenAI's shape on /v1 and "
-            "llamapool's own routes, Ollama's under /api (except /api/v1). An unknown path "
-            "answers 404, a known path with another method 405.",
+            "llamapool's own routes, Anthropic's on /v1/messages, Ollama's under /api (except "
+            "/api/v1). An unknown path answers 404, a known path with another method 405.",
         },
         "paths": b.paths,
         "components": {

@@ -8,6 +8,7 @@ releasing a slot moves one worker between neighbouring buckets of each model it 
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 from collections import OrderedDict
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import attrs
 
-from llamapool.errors import NoWorkerError, WorkersBusyError
+from llamapool.errors import NoWorkerError, WorkerIdInUseError, WorkersBusyError
 from llamapool.protocol import ProxyRequest
 from llamapool.server.exchange import Exchange
 
@@ -47,7 +48,7 @@ class Link(Protocol):
     @property
     def window(self) -> int: ...
 
-    def open(self, request_id: str) -> Exchange: ...
+    def open(self) -> Exchange: ...
 
     def forget(self, request_id: str) -> None: ...
 
@@ -77,6 +78,8 @@ class WorkerHandle:
     backend: str = ""
     #: The worker's protocol extension level; 0 for a Go worker.
     protocol: int = 0
+    #: The worker process's secret (see ``Register.instance``); empty for a Go worker.
+    instance: str = attrs.field(default="", repr=False)
     inflight: int = 0
     #: Set when the worker said it is draining: it finishes its requests but takes no more.
     draining: bool = False
@@ -168,9 +171,16 @@ class Pool:
         return self._workers.get(worker_id)
 
     def add(self, worker: WorkerHandle) -> WorkerHandle | None:
-        """Register a worker; returns the handle it replaces when its id was connected."""
+        """Register a worker; returns the handle it replaces when its id was connected.
+
+        Only the same worker process may take over a connected id (it proves it with its
+        instance secret, e.g. after its link went dead before the server noticed); anyone
+        else gets :class:`WorkerIdInUseError` until the connected one leaves or is evicted.
+        """
         old = self._workers.get(worker.id)
         if old is not None:
+            if not (old.instance and hmac.compare_digest(old.instance, worker.instance)):
+                raise WorkerIdInUseError(f"worker id {worker.id!r} is connected")
             self.remove(old)
         self._workers[worker.id] = worker
         self._link(worker, worker.models)
@@ -284,6 +294,15 @@ class Pool:
             )
             for model, workers in sorted(by_model.items())
         ]
+
+    def advertised(self) -> set[str]:
+        """Every model a connected worker advertises, whether or not it takes requests now."""
+        return self._index.keys() | self._parked.keys()
+
+    def forget_model(self, model: str) -> None:
+        """Drop what the pool remembers of a model nobody advertises (its first-seen time)."""
+        if model not in self._index:
+            self._first_seen.pop(model, None)
 
     # bookkeeping ---------------------------------------------------------------------------
 

@@ -67,14 +67,11 @@ class Scheduler:
         except WorkersBusyError:
             if self.queue_size <= 0:
                 raise
-        queue = self._queues.setdefault(model, deque())
-        if len(queue) >= self.queue_size:
+        if len(self._queues.get(model, ())) >= self.queue_size:
             raise QueueFullError(f"every worker serving {model!r} is busy and the queue is full")
         future = asyncio.get_running_loop().create_future()
         waiter = _Waiter(model, path, exclude, future, time.monotonic())
-        queue.append(waiter)
-        self._length += 1
-        self._on_change(self._length, None)
+        self._join(waiter)
         try:
             worker = await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
         except BaseException as exc:
@@ -106,28 +103,35 @@ class Scheduler:
                 except WorkersBusyError:
                     break
                 except RoutingError as exc:  # the last worker for the model left
-                    self._pop(model, queue)
+                    self._leave(waiter, waited=None)
                     waiter.future.set_exception(exc)
                     continue
-                self._pop(model, queue)
+                self._leave(waiter, waited=time.monotonic() - waiter.since)
                 waiter.future.set_result(worker)
-                self._on_change(self._length, time.monotonic() - waiter.since)
-            if not queue:
-                self._queues.pop(model, None)
 
-    def _pop(self, model: str, queue: deque[_Waiter]) -> None:
-        queue.popleft()
+    # The queues change only in _join and _leave, which report every new length.
+
+    def _join(self, waiter: _Waiter) -> None:
+        self._queues.setdefault(waiter.model, deque()).append(waiter)
+        self._length += 1
+        self._on_change(self._length, None)
+
+    def _leave(self, waiter: _Waiter, *, waited: float | None) -> None:
+        """Take a waiter out of its queue; ``waited`` is set when it leaves with a slot."""
+        queue = self._queues[waiter.model]
+        if queue[0] is waiter:
+            queue.popleft()
+        else:
+            queue.remove(waiter)
+        if not queue:
+            del self._queues[waiter.model]
         self._length -= 1
+        self._on_change(self._length, waited)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter stopped waiting (timeout, client gone): leave the queue, return any slot."""
-        queue = self._queues.get(waiter.model)
-        if queue is not None and waiter in queue:
-            queue.remove(waiter)
-            self._length -= 1
-            if not queue:
-                del self._queues[waiter.model]
-            self._on_change(self._length, None)
+        if waiter in self._queues.get(waiter.model, ()):
+            self._leave(waiter, waited=None)
         future = waiter.future
         if not future.done():
             future.cancel()

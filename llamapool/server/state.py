@@ -4,24 +4,30 @@ The relay and the worker endpoint report events here; this module keeps the runn
 (per worker and per model), mirrors them into the Prometheus collectors, and renders the Go
 version's state schema. A worker that leaves stays listed as ``gone`` for a while, so an operator
 sees it went away rather than it silently vanishing.
+
+Nothing here grows without bound. A departed worker's record, and a model no connected worker
+advertises any more, are kept for the gone retention and then forgotten with every metric
+series they have; at most ``max_gone_workers`` departed workers and ``max_gone_models``
+departed models are kept at once (the oldest go first), so a worker cycling through model lists
+or ids faster than the retention cannot pile them up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 
 from llamapool.build import BuildInfo
-from llamapool.server.metrics import ServerMetrics
+from llamapool.server.metrics import OUTCOMES, ServerMetrics
 from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.server.usage import Usage
 
 #: Outcomes of a request that reached a worker (label values of llamapool_model_requests_total).
-SUCCESS, ERROR, CANCELLED = "success", "error", "cancelled"
+SUCCESS, ERROR, CANCELLED = OUTCOMES
 
 
 @attrs.define
@@ -63,12 +69,21 @@ class PoolState:
     """Running totals of the pool and a monotonically increasing change counter."""
 
     def __init__(
-        self, pool: Pool, metrics: ServerMetrics, build: BuildInfo, *, gone_retention: float = 300
+        self,
+        pool: Pool,
+        metrics: ServerMetrics,
+        build: BuildInfo,
+        *,
+        gone_retention: float = 300,
+        max_gone_workers: int = 1024,
+        max_gone_models: int = 1000,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.build = build
         self.gone_retention = gone_retention
+        self.max_gone_workers = max_gone_workers
+        self.max_gone_models = max_gone_models
         self.started = time.time()
         self.version = 0
         self.records: dict[str, WorkerRecord] = {}
@@ -76,7 +91,15 @@ class PoolState:
         self.jobs_completed_total = 0
         self.jobs_failed_total = 0
         self.queue_len = 0
-        self._model_labels: set[str] = set()
+        #: Models some connected worker advertises (whether or not it takes requests now).
+        self._models: set[str] = set()
+        #: Models with series but no connected worker advertising them: when each went,
+        #: oldest first.
+        self._gone_models: dict[str, float] = {}
+        #: Ids of the departed workers in ``records``, oldest departure first.
+        self._gone_workers: dict[str, None] = {}
+        #: For each model, the workers with a tally (and a duration series) for it.
+        self._served_by: dict[str, set[str]] = {}
         self._status_counts: dict[str, int] = {}
         #: Queued requests a worker could take (the scheduler sets it: its ``queued_for``).
         self.queued_for: Callable[[WorkerHandle], int] = lambda worker: 0
@@ -97,15 +120,20 @@ class PoolState:
     def models_changed(self) -> None:
         """Workers joined, left, or changed models or readiness: recount workers per model.
 
-        A model that loses its last worker stays at 0 (so "no worker for a model" can be
-        alerted on by name) until the server restarts.
+        A model that loses its last worker stays at 0 for the gone retention (so "no worker
+        for a model" can be alerted on by name), then it is forgotten with all its series.
         """
         counts = {info.id: len(info.workers) for info in self.pool.models()}
-        for model in self._model_labels - counts.keys():
+        advertised = self.pool.advertised()
+        now = time.time()
+        for model in self._models - advertised:
+            self._gone_models[model] = now
             self.metrics.model_workers.labels(model).set(0)
-        for model, n in counts.items():
-            self.metrics.model_workers.labels(model).set(n)
-        self._model_labels |= counts.keys()
+        for model in advertised:
+            self._gone_models.pop(model, None)
+            self.metrics.model_workers.labels(model).set(counts.get(model, 0))
+        self._models = advertised
+        self._evict_models()
         self._count_workers()
 
     def worker_joined(self, worker: WorkerHandle) -> None:
@@ -114,12 +142,16 @@ class PoolState:
             self.records[worker.id] = WorkerRecord(worker)
         else:  # a reconnect keeps its totals
             record.handle, record.gone_at = worker, None
+            self._gone_workers.pop(worker.id, None)
         self._count_workers()
 
     def worker_left(self, worker: WorkerHandle) -> None:
         record = self.records.get(worker.id)
         if record is not None and record.handle is worker:
             record.gone_at = time.time()
+            self._gone_workers[worker.id] = None
+            while len(self._gone_workers) > self.max_gone_workers:
+                self._forget_worker(next(iter(self._gone_workers)))
         self._count_workers()
 
     def request_started(self, worker: WorkerHandle) -> None:
@@ -143,13 +175,16 @@ class PoolState:
         m = self.metrics
         m.requests_in_flight.dec()
         m.model_requests.labels(model, outcome).inc()
-        m.request_duration.labels(worker.id, model).observe(duration)
         if ttfb is not None:
             m.time_to_first_byte.labels(model).observe(ttfb)
         record = self.records.get(worker.id)
         tally = None
-        if record is not None:
-            tally = record.per_model.setdefault(model, ModelTally())
+        if record is not None:  # a worker forgotten already gets no new per-worker series
+            m.request_duration.labels(worker.id, model).observe(duration)
+            tally = record.per_model.get(model)
+            if tally is None:
+                tally = record.per_model[model] = ModelTally()
+                self._served_by.setdefault(model, set()).add(worker.id)
             record.processed_total += 1
             record.processing_ms_total += duration * 1000
         if outcome == SUCCESS:
@@ -170,6 +205,9 @@ class PoolState:
                 record.tokens_out_total += usage.tokens_out
                 tally.tokens_in_total += usage.tokens_in
                 tally.tokens_out_total += usage.tokens_out
+        if model not in self._models and model not in self._gone_models:
+            self._gone_models[model] = time.time()  # its worker dropped it meanwhile
+            self._evict_models()
         self._recount(worker)
 
     def rejected(self, reason: str) -> None:
@@ -187,17 +225,41 @@ class PoolState:
     # --- views -------------------------------------------------------------------------------
 
     def prune(self, now: float | None = None) -> None:
-        """Forget workers gone for longer than the retention period."""
-        now = time.time() if now is None else now
-        stale = [
-            wid
-            for wid, r in self.records.items()
-            if r.gone_at is not None and now - r.gone_at > self.gone_retention
-        ]
-        for wid in stale:
-            del self.records[wid]
-        if stale:
+        """Forget workers and models gone for longer than the retention period, with their
+        series. Cheap when nothing expired: the server calls it every fraction of a second."""
+        cutoff = (time.time() if now is None else now) - self.gone_retention
+        workers = _until(self._gone_workers, lambda wid: self.records[wid].gone_at or 0, cutoff)
+        models = _until(self._gone_models, self._gone_models.__getitem__, cutoff)
+        for wid in workers:
+            self._forget_worker(wid)
+        for model in models:
+            self._forget_model(model)
+        if workers or models:
             self._count_workers()
+
+    def _evict_models(self) -> None:
+        while len(self._gone_models) > self.max_gone_models:
+            self._forget_model(next(iter(self._gone_models)))
+
+    def _forget_worker(self, worker_id: str) -> None:
+        """Drop a departed worker's record and its per-worker series."""
+        del self._gone_workers[worker_id]
+        record = self.records.pop(worker_id)
+        for model in record.per_model:
+            self.metrics.forget_worker_model(worker_id, model)
+            served = self._served_by[model]
+            served.discard(worker_id)
+            if not served:
+                del self._served_by[model]
+
+    def _forget_model(self, model: str) -> None:
+        """Drop a departed model's series, its tallies in worker records and its pool entry."""
+        del self._gone_models[model]
+        self.metrics.forget_model(model)
+        for worker_id in self._served_by.pop(model, ()):
+            del self.records[worker_id].per_model[model]
+            self.metrics.forget_worker_model(worker_id, model)
+        self.pool.forget_model(model)
 
     def _count_workers(self) -> None:
         """Recount every worker by status (joins, leaves, status changes: rare events)."""
@@ -251,6 +313,16 @@ class PoolState:
             "models": [{"name": m.id, "workers": len(m.workers)} for m in self.pool.models()],
             "workers": workers,
         }
+
+
+def _until(departed: Iterable[str], gone_at: Callable[[str], float], cutoff: float) -> list[str]:
+    """The keys of ``departed`` (oldest first) that went before ``cutoff``."""
+    stale = []
+    for key in departed:
+        if gone_at(key) >= cutoff:
+            break
+        stale.append(key)
+    return stale
 
 
 def _iso(ts: float) -> str:

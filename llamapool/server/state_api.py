@@ -57,17 +57,15 @@ BROADCASTER = web.AppKey("broadcaster", StateBroadcaster)
 
 
 async def broadcast_state(app: web.Application) -> AsyncIterator[None]:
-    """Background task: publish changes every :data:`PUBLISH_INTERVAL`, prune gone workers."""
+    """Background task: every :data:`PUBLISH_INTERVAL`, forget what is gone past the retention
+    (whether or not anyone watches) and publish the changes."""
     broadcaster = app[BROADCASTER] = StateBroadcaster(app[STATE])
     broadcaster.publish()
 
     async def loop() -> None:
-        ticks = 0
         while True:
             await asyncio.sleep(PUBLISH_INTERVAL)
-            ticks += 1
-            if ticks % 40 == 0:
-                app[STATE].prune()
+            app[STATE].prune()
             broadcaster.publish()
 
     task = asyncio.create_task(loop())

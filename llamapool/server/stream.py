@@ -17,7 +17,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from llamapool.headers import RECOMPUTED, forwardable
+from llamapool.headers import RECOMPUTED, allowed_response_headers, forwardable
 from llamapool.protocol import ResponseHeaders
 from llamapool.server.exchange import Broken, Ended, Event, Exchange
 from llamapool.server.http_errors import error_response, flavor_for
@@ -72,7 +72,9 @@ async def stream_back(
 ) -> web.StreamResponse:
     """Send the worker's status and headers, then each chunk the moment it arrives."""
     trace.status, trace.first_byte = first.status, time.monotonic()
-    headers = forwardable(check_headers(first.headers).items(), RECOMPUTED)
+    headers = allowed_response_headers(
+        forwardable(check_headers(first.headers).items(), RECOMPUTED)
+    )
     response = web.StreamResponse(status=first.status, headers=headers)
     scanner = UsageScanner()
     consumed = 0

@@ -43,6 +43,7 @@ def check_register(register: Register, *, max_models: int) -> Register:
         ("build_sha", MAX_SHORT),
         ("build_date", MAX_SHORT),
         ("backend", MAX_SHORT),
+        ("instance", MAX_SHORT),
     ):
         value = getattr(register, field)
         if len(value) > limit or not _PRINTABLE.match(value):

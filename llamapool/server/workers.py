@@ -13,14 +13,16 @@ from aiohttp import WSMsgType, web
 
 from llamapool import __version__, protocol
 from llamapool.config import ServeConfig
-from llamapool.errors import ProtocolError
+from llamapool.errors import ProtocolError, WorkerIdInUseError
+from llamapool.log import Throttle
 from llamapool.protocol import (
+    CLOSE_ID_IN_USE,
+    CLOSE_INVALID_MESSAGES,
+    CLOSE_POLICY,
     FEATURE_BINARY_FRAMES,
     FEATURE_FLOW_CONTROL,
     FEATURES,
-    STATUS_DRAINING,
-    STATUS_NOT_READY,
-    STATUS_READY,
+    REASON_UNAUTHORIZED,
     Heartbeat,
     ModelsUpdate,
     Register,
@@ -30,19 +32,16 @@ from llamapool.protocol import (
     ResponseHeaders,
     StatusUpdate,
 )
-from llamapool.server.appkeys import CONFIG, POOL, SCHEDULER, SOCKETS, STATE
-from llamapool.server.link import CLOSE_POLICY, WorkerLink
+from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, REGISTRY, SOCKETS
+from llamapool.server.link import WorkerLink
 from llamapool.server.pool import WorkerHandle
-from llamapool.server.scheduler import Scheduler
-from llamapool.server.state import PoolState
+from llamapool.server.registry import Registry
 from llamapool.server.validate import MAX_REGISTER_BYTES, Invalid, check_models, check_register
 
 log = structlog.get_logger("llamapool.server")
 
 #: Room for protocol overhead on top of the largest body a frame may carry.
 _FRAME_SLACK = 1024 * 1024
-#: Malformed or misaddressed messages tolerated on one connection before it is closed.
-MAX_IGNORED = 100
 
 
 def key_matches(given: str, keys: tuple[str, ...]) -> bool:
@@ -62,14 +61,15 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     never register cannot pile up either.
     """
     cfg, sockets = request.app[CONFIG], request.app[SOCKETS]
+    throttle = request.app[LOG_THROTTLE]
     if len(sockets) >= cfg.max_workers:
-        log.warning("worker_rejected", reason="too_many_workers")
+        throttle.log(log.warning, "worker_rejected", reason="too_many_workers")
         raise web.HTTPServiceUnavailable(reason="too many workers are connected")
     ws = web.WebSocketResponse(max_msg_size=cfg.max_body_size + _FRAME_SLACK)
     await ws.prepare(request)
     sockets.add(ws)
     try:
-        register = await _admit(ws, cfg)
+        register = await _admit(ws, cfg, throttle)
         if register is not None:
             await _session(request.app, ws, register)
     finally:
@@ -77,20 +77,23 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _admit(ws: web.WebSocketResponse, cfg: ServeConfig) -> Register | None:
+async def _admit(
+    ws: web.WebSocketResponse, cfg: ServeConfig, throttle: Throttle
+) -> Register | None:
     """The worker's register message if its key and its strings are acceptable; otherwise the
-    socket is closed with 1008 and a reason."""
-    register = await _receive_register(ws, cfg.register_timeout)
+    socket is closed with 1008 and a reason (logged once per reason and interval: anyone can
+    open worker sockets)."""
+    register = await _receive_register(ws, cfg.register_timeout, throttle)
     if register is None:
         return None
     if cfg.worker_keys and not key_matches(register.key, cfg.worker_keys):
-        log.warning("worker_rejected", reason="bad_worker_key")
-        await ws.close(code=CLOSE_POLICY, message=b"unauthorized")
+        throttle.log(log.warning, "worker_rejected", reason="bad_worker_key")
+        await ws.close(code=CLOSE_POLICY, message=REASON_UNAUTHORIZED.encode())
         return None
     try:
         return check_register(register, max_models=cfg.max_models_per_worker)
     except Invalid as exc:
-        log.warning("worker_rejected", reason=str(exc))
+        throttle.log(log.warning, "worker_rejected", reason=str(exc))
         await ws.close(code=CLOSE_POLICY, message=str(exc).encode()[:120])
         return None
 
@@ -115,14 +118,18 @@ async def _session(app: web.Application, ws: web.WebSocketResponse, register: Re
         build_date=register.build_date,
         backend=register.backend,
         protocol=register.protocol,
+        instance=register.instance,
     )
-    pool, state, scheduler = app[POOL], app[STATE], app[SCHEDULER]
-    replaced = pool.add(worker)
+    registry = app[REGISTRY]
+    try:
+        replaced = registry.join(worker)
+    except WorkerIdInUseError:
+        reason = f"worker id {worker.id!r} is in use by another connected worker"
+        app[LOG_THROTTLE].log(log.warning, "worker_rejected", reason="worker_id_in_use")
+        await ws.close(code=CLOSE_ID_IN_USE, message=reason.encode()[:120])
+        return
     if replaced is not None:
         replaced.link.close_soon("replaced by a new connection")
-    state.worker_joined(worker)
-    state.models_changed()
-    scheduler.dispatch()  # queued requests may be waiting for exactly this worker
     if register.protocol:  # a llamapool-py worker: say which extensions we will use
         await ws.send_str(protocol.encode(Registered(features=features, version=__version__)))
     log.info(
@@ -136,18 +143,17 @@ async def _session(app: web.Application, ws: web.WebSocketResponse, register: Re
     )
     try:
         max_models = app[CONFIG].max_models_per_worker
-        await _serve(ws, worker, link, scheduler, state, max_models=max_models)
+        await _serve(ws, worker, link, registry, max_models=max_models)
     finally:
-        pool.remove(worker)
-        state.worker_left(worker)
-        state.models_changed()
-        scheduler.dispatch()  # fail waiters for models nobody serves any more
-        state.metrics.worker_messages_ignored.inc(link.ignored + link.unknown)
+        registry.leave(worker)
+        registry.state.metrics.worker_messages_ignored.inc(link.ignored)
         link.break_all("worker disconnected")
         log.info("worker_disconnected", worker_id=worker.id, worker_name=worker.name)
 
 
-async def _receive_register(ws: web.WebSocketResponse, timeout: float) -> Register | None:
+async def _receive_register(
+    ws: web.WebSocketResponse, timeout: float, throttle: Throttle
+) -> Register | None:
     """The first message, which must be a valid ``register``; closes with 1008 otherwise."""
     try:
         msg = await ws.receive(timeout=timeout)
@@ -167,7 +173,7 @@ async def _receive_register(ws: web.WebSocketResponse, timeout: float) -> Regist
                     return message
         elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
             return None
-    log.warning("worker_rejected", reason=reason)
+    throttle.log(log.warning, "worker_rejected", reason=reason)
     await ws.close(code=CLOSE_POLICY, message=reason.encode()[:120])
     return None
 
@@ -176,84 +182,71 @@ async def _serve(
     ws: web.WebSocketResponse,
     worker: WorkerHandle,
     link: WorkerLink,
-    scheduler: Scheduler,
-    state: PoolState,
+    registry: Registry,
     *,
     max_models: int,
 ) -> None:
-    pool = scheduler.pool
     async for msg in ws:
-        if link.ignored > MAX_IGNORED:
-            log.warning(
-                "worker_disconnected_for_garbage", worker_id=worker.id, ignored=link.ignored
-            )
-            await ws.close(code=CLOSE_POLICY, message=b"too many invalid messages")
-            break
         worker.last_heartbeat = time.monotonic()  # any message proves the worker alive
         if msg.type == WSMsgType.BINARY:
-            try:
-                link.dispatch_frame(msg.data)
-            except ProtocolError:
-                link.ignored += 1
-            continue
-        if msg.type != WSMsgType.TEXT:
-            continue
-        try:
-            message = protocol.decode(msg.data)
-        except ProtocolError as exc:
-            link.ignored += 1
-            log.debug("worker_message_ignored", worker_id=worker.id, reason=str(exc))
-            continue
-        match message:
-            case ResponseHeaders() | ResponseChunk() | ResponseEnd():
-                link.dispatch(message)
-            case ModelsUpdate(models=models):
-                try:
-                    models = check_models(models, max_models=max_models)
-                except Invalid as exc:
-                    link.ignored += 1
-                    log.warning("worker_models_rejected", worker_id=worker.id, reason=str(exc))
-                    continue
-                pool.set_models(worker, models)
-                state.models_changed()
-                scheduler.dispatch()
-                log.info("worker_models_updated", worker_id=worker.id, models=len(models))
-            case StatusUpdate(status=status):
-                _set_status(worker, status, scheduler)
-                state.models_changed()
-            case Heartbeat():
-                state.changed()
-            case None:  # a type we do not know: an extension of a newer peer, not garbage
-                link.unknown += 1
-            case _:
-                link.ignored += 1
+            link.dispatch_frame(msg.data)
+        elif msg.type == WSMsgType.TEXT:
+            _on_text(msg.data, worker, link, registry, max_models=max_models)
+        if link.misbehaving:
+            log.warning("worker_disconnected_for_invalid_messages", worker_id=worker.id)
+            await ws.close(code=CLOSE_INVALID_MESSAGES, message=b"too many invalid messages")
+            break
 
 
-def _set_status(worker: WorkerHandle, status: str, scheduler: Scheduler) -> None:
-    if status == STATUS_DRAINING:
-        scheduler.pool.set_status(worker, draining=True)
-    elif status == STATUS_NOT_READY:
-        scheduler.pool.set_status(worker, ready=False)
-    elif status == STATUS_READY:
-        scheduler.pool.set_status(worker, draining=False, ready=True)
-        scheduler.dispatch()
-    else:
+def _on_text(
+    text: str,
+    worker: WorkerHandle,
+    link: WorkerLink,
+    registry: Registry,
+    *,
+    max_models: int,
+) -> None:
+    """One JSON message from a registered worker."""
+    try:
+        message = protocol.decode(text)
+    except ProtocolError as exc:
+        link.count_invalid()
+        log.debug("worker_message_invalid", worker_id=worker.id, reason=str(exc))
         return
-    log.info("worker_status_changed", worker_id=worker.id, status=status)
+    match message:
+        case ResponseHeaders() | ResponseChunk() | ResponseEnd():
+            link.dispatch(message)
+        case ModelsUpdate(models=models):
+            try:
+                models = check_models(models, max_models=max_models)
+            except Invalid as exc:
+                link.count_invalid()
+                log.warning("worker_models_rejected", worker_id=worker.id, reason=str(exc))
+                return
+            registry.set_models(worker, models)
+            log.info("worker_models_updated", worker_id=worker.id, models=len(models))
+        case StatusUpdate(status=status):
+            registry.set_status(worker, status)
+        case Heartbeat():
+            registry.state.changed()
+        case None:  # a type we do not know: an extension of a newer peer, not garbage
+            link.unknown += 1
+        case _:  # a message only a server sends: never valid from a worker
+            link.count_invalid()
 
 
 async def evict_silent_workers(app: web.Application) -> AsyncIterator[None]:
     """Background task: close the connection of a worker silent for ``worker_timeout``."""
-    cfg, pool = app[CONFIG], app[POOL]
+    cfg, registry = app[CONFIG], app[REGISTRY]
 
     async def sweep() -> None:
         while True:
             await asyncio.sleep(min(1.0, cfg.worker_timeout / 3))
             now = time.monotonic()
-            for worker in pool:
+            for worker in registry.pool:
                 if now - worker.last_heartbeat > cfg.worker_timeout:
                     log.warning("worker_evicted", worker_id=worker.id, reason="no heartbeat")
-                    pool.remove(worker)
+                    registry.leave(worker)
                     worker.link.close_soon("heartbeat timeout")
 
     task = asyncio.create_task(sweep())

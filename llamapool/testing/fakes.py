@@ -20,6 +20,20 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from llamapool.backends.demo import EchoOptions, EchoResponder
+from llamapool.plugin_api import ANTHROPIC_PATHS, OLLAMA_PATHS, OPENAI_PATHS
+
+#: What Ollama serves: its native API and the OpenAI and Anthropic paths it implements.
+OLLAMA_SERVES = OLLAMA_PATHS | {
+    "/api/tags",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+}
+#: What vLLM serves (of what the echo runtime can answer): every OpenAI and Anthropic path.
+VLLM_SERVES = OPENAI_PATHS | ANTHROPIC_PATHS | {"/v1/models"}
 
 __all__ = [
     "FakeLog",
@@ -117,12 +131,13 @@ def _responder(models: Sequence[str], chunk_delay: float) -> EchoResponder:
 def create_fake_ollama_app(
     *, models: Sequence[str] = ("llama3:8b",), chunk_delay: float = 0.0, api_key: str = ""
 ) -> web.Application:
-    """Ollama: its native ``/api/*`` and its OpenAI-compatible ``/v1/*`` at their usual paths.
+    """Ollama: its native ``/api/*`` and its OpenAI- and Anthropic-compatible ``/v1/*`` at
+    their usual paths (no rerank, audio or images: those answer 404, as on Ollama).
 
     Ollama has no API key of its own; ``api_key`` imitates one behind an authenticating proxy.
     """
     app = _app(api_key, {"error": "unauthorized"})
-    _responder(models, chunk_delay).add_routes(app)
+    _responder(models, chunk_delay).add_routes(app, OLLAMA_SERVES)
     return app
 
 
@@ -132,20 +147,13 @@ def create_fake_vllm_app(
     chunk_delay: float = 0.0,
     api_key: str = "",
 ) -> web.Application:
-    """vLLM, or any OpenAI-compatible server (llama.cpp's, LM Studio): only ``/v1/*``.
+    """vLLM, or any OpenAI-compatible server (llama.cpp's, LM Studio): the OpenAI API and
+    Anthropic's ``/v1/messages``, rerank and score included.
 
     Every ``/api/*`` path answers 404, as it does on vLLM. ``api_key`` mirrors ``--api-key``.
     """
-    echo = _responder(models, chunk_delay)
     app = _app(api_key, {"error": "Unauthorized"})
-    app.add_routes(
-        [
-            web.get("/v1/models", echo.v1_models),
-            web.post("/v1/chat/completions", echo.chat_completions),
-            web.post("/v1/completions", echo.completions),
-            web.post("/v1/embeddings", echo.embeddings),
-        ]
-    )
+    _responder(models, chunk_delay).add_routes(app, VLLM_SERVES)
     return app
 
 
@@ -182,6 +190,8 @@ def create_fake_openwebui_app(
         web.post("/ollama/api/generate", echo.api_generate),
         web.post("/ollama/api/chat", echo.api_chat),
         web.post("/ollama/api/embed", echo.api_embed),
+        web.post("/ollama/api/embeddings", echo.api_embeddings),
+        web.post("/ollama/api/show", echo.api_show),
         web.get("/ollama/v1/models", echo.v1_models),
         web.post("/ollama/v1/chat/completions", echo.chat_completions),
         web.post("/ollama/v1/completions", echo.completions),

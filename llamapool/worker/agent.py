@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 import time
 
 import aiohttp
@@ -22,6 +23,8 @@ from llamapool.config import WorkConfig
 from llamapool.errors import BackendError, ConfigError, ProtocolError
 from llamapool.plugin_api import Backend
 from llamapool.protocol import (
+    CLOSE_ID_IN_USE,
+    CLOSE_POLICY,
     FEATURE_BINARY_FRAMES,
     FEATURE_MODELS_UPDATE,
     FEATURE_STATUS_UPDATE,
@@ -29,6 +32,7 @@ from llamapool.protocol import (
     FRAME_REQUEST_BODY,
     FRAME_RESPONSE_CHUNK,
     PROTOCOL_VERSION,
+    REASON_UNAUTHORIZED,
     STATUS_DRAINING,
     STATUS_NOT_READY,
     STATUS_READY,
@@ -51,7 +55,6 @@ from llamapool.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("llamapool.worker")
 
-_CLOSE_POLICY = 1008
 _MAX_MESSAGE = 64 * 1024 * 1024
 _CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 #: A connection that lasted this long resets the reconnect backoff.
@@ -66,6 +69,8 @@ class Agent:
         self.backend = backend
         self.backend_name = backend_name or type(backend).__name__
         self.build = build_info()
+        #: Proves to the server that a re-registration comes from this very process.
+        self.instance = secrets.token_urlsafe(24)
         self.metrics = WorkerMetrics(self.build, max_concurrency=cfg.max_concurrency)
         self.jobs = Jobs(backend, lambda: self.http, self.metrics)
         self.models: list[str] = []
@@ -108,7 +113,9 @@ class Agent:
         probe = asyncio.create_task(self._probe_forever())
         try:
             await self.probe()
-            async with aiohttp.ClientSession() as server_http:
+            # The handshake is bounded too: a black-holed server never answers a SYN.
+            timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.server_timeout)
+            async with aiohttp.ClientSession(timeout=timeout) as server_http:
                 attempt = 0
                 while True:
                     started = time.monotonic()
@@ -157,8 +164,14 @@ class Agent:
     async def _connection(self, server_http: aiohttp.ClientSession) -> None:
         if self.cfg.tls_insecure and self.cfg.server_url.startswith(("wss:", "https:")):
             log.warning("tls_verification_disabled", url=self.cfg.server_url)
+        # aiohttp pings after two thirds of the timeout without a message and gives the pong
+        # the last third: a server gone silent is noticed within server_timeout.
         async with server_http.ws_connect(
-            self.cfg.server_url, max_msg_size=_MAX_MESSAGE, autoping=True, ssl=self._tls
+            self.cfg.server_url,
+            max_msg_size=_MAX_MESSAGE,
+            autoping=True,
+            heartbeat=self.cfg.server_timeout * 2 / 3,
+            ssl=self._tls,
         ) as ws:
             self._ws, self._features = ws, frozenset()
             await ws.send_str(protocol.encode(self._register()))
@@ -176,11 +189,15 @@ class Agent:
                 await self.jobs.cancel_all()
                 self._awaiting_body.clear()
                 self._ws = None
-            if ws.close_code == _CLOSE_POLICY:
-                raise ConfigError(
-                    f"the server rejected this worker: {reason or 'policy violation'}"
-                )
-            log.warning("server_disconnected", code=ws.close_code, reason=reason)
+            code = ws.close_code
+            if code == CLOSE_POLICY and reason == REASON_UNAUTHORIZED:
+                raise ConfigError(f"the server rejected this worker: {reason}")
+            if reason:
+                self.last_error = f"the server closed the connection ({code}): {reason}"
+            if code in (CLOSE_POLICY, CLOSE_ID_IN_USE):  # refused, but may be let in later
+                log.error("worker_refused", code=code, reason=reason)
+            else:
+                log.warning("server_disconnected", code=code, reason=reason)
 
     def _register(self) -> Register:
         return Register(
@@ -196,6 +213,7 @@ class Agent:
             protocol=PROTOCOL_VERSION,
             features=list(FEATURES),
             paths=sorted(self.backend.paths),
+            instance=self.instance,
         )
 
     async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
@@ -209,6 +227,8 @@ class Agent:
         """Handle server messages until the socket closes; returns the close reason."""
         while True:
             msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.ERROR:  # e.g. no pong: the link is dead
+                return str(msg.data)
             if msg.type in _CLOSED:
                 return str(msg.extra or "") if msg.type == aiohttp.WSMsgType.CLOSE else ""
             if msg.type == aiohttp.WSMsgType.BINARY:

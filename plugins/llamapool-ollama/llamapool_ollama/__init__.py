@@ -1,8 +1,10 @@
 """The Ollama backend for llamapool workers.
 
-Ollama serves its native API (``/api/*``) and an OpenAI-compatible one (``/v1/*``) on the same
-port, at the very paths the llamapool server exposes, so every public path maps to itself and
-the bytes go through untouched. The plugin imports only :mod:`llamapool.plugin_api`, like any
+Ollama serves its native API (``/api/*``), an OpenAI-compatible one (chat, text completions,
+embeddings, and since 0.13 the Responses API) and an Anthropic-compatible ``/v1/messages`` on
+the same port, at the very paths the llamapool server exposes, so every public path maps to
+itself and the bytes go through untouched. An older Ollama answers its own 404 for the newer
+paths, relayed. The plugin imports only :mod:`llamapool.plugin_api`, like any
 third-party backend, and is found through the ``llamapool.backends`` entry point ``ollama``.
 """
 
@@ -12,7 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from llamapool.plugin_api import (
     OLLAMA_PATHS,
-    OPENAI_PATHS,
     Backend,
     BackendError,
     fetch_json,
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
 
 __all__ = ["OllamaBackend"]
 
+#: The OpenAI- and Anthropic-shaped paths Ollama serves (docs.ollama.com, "OpenAI
+#: compatibility" and "Anthropic compatibility").
+COMPATIBLE_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"}
+)
+
 
 class OllamaBackend(Backend):
     """An Ollama server (``ollama serve``), by default on its standard local port.
@@ -31,7 +38,7 @@ class OllamaBackend(Backend):
     is sent as a bearer token.
     """
 
-    paths: ClassVar[frozenset[str]] = OPENAI_PATHS | OLLAMA_PATHS
+    paths: ClassVar[frozenset[str]] = OLLAMA_PATHS | COMPATIBLE_PATHS
     default_url: ClassVar[str] = "http://127.0.0.1:11434"
 
     async def list_models(self, http: aiohttp.ClientSession) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from llamapool.plugin_api import OLLAMA_PATHS, OPENAI_PATHS, BackendError, BackendSettings
+from llamapool.plugin_api import OLLAMA_PATHS, BackendError, BackendSettings
 from llamapool.testing import create_broken_app, create_fake_ollama_app, fake_log
 from llamapool.worker.loader import available, load_backend
 from llamapool_ollama import OllamaBackend
@@ -96,12 +96,22 @@ async def test_list_models_raises_on_a_bad_answer(
             await backend_for(url_of(server)).list_models(http)
 
 
-def test_serves_the_openai_and_ollama_paths() -> None:
-    """Ollama serves every OpenAI and every Ollama-native public path."""
-    assert OPENAI_PATHS | OLLAMA_PATHS == OllamaBackend.paths
+SERVED = OLLAMA_PATHS | {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+}
 
 
-@pytest.mark.parametrize("path", sorted(OPENAI_PATHS | OLLAMA_PATHS))
+def test_serves_the_ollama_and_its_compatible_paths() -> None:
+    """Ollama serves every Ollama-native path and the OpenAI and Anthropic ones it implements,
+    not audio, images or rerank."""
+    assert SERVED == OllamaBackend.paths
+
+
+@pytest.mark.parametrize("path", sorted(SERVED))
 def test_upstream_url_keeps_the_path(path: str) -> None:
     """Each public path maps to the same path on Ollama."""
     backend = backend_for("http://gpu-box:11434/")

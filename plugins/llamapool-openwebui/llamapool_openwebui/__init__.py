@@ -35,6 +35,8 @@ _UPSTREAM_PATHS: dict[str, str] = {
     "/api/generate": "/ollama/api/generate",
     "/api/chat": "/ollama/api/chat",
     "/api/embed": "/ollama/api/embed",
+    "/api/embeddings": "/ollama/api/embeddings",
+    "/api/show": "/ollama/api/show",
 }
 
 

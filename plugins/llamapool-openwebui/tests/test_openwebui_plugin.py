@@ -26,6 +26,8 @@ ROUTES = {
     "/api/generate": "/ollama/api/generate",
     "/api/chat": "/ollama/api/chat",
     "/api/embed": "/ollama/api/embed",
+    "/api/embeddings": "/ollama/api/embeddings",
+    "/api/show": "/ollama/api/show",
 }
 #: A valid request body for every path the backend serves.
 BODIES = {
@@ -110,8 +112,11 @@ async def test_list_models_raises_on_a_bad_answer(
 
 
 def test_serves_every_public_path() -> None:
-    """Open WebUI serves every OpenAI and Ollama-native public path, some through its proxy."""
-    assert OPENAI_PATHS | OLLAMA_PATHS == OpenWebUIBackend.paths
+    """Open WebUI serves OpenAI chat, completions and embeddings and every Ollama-native
+    path, some through its Ollama proxy."""
+    core = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+    assert core | OLLAMA_PATHS == OpenWebUIBackend.paths
+    assert core < OPENAI_PATHS
 
 
 @pytest.mark.parametrize(("path", "route"), sorted(ROUTES.items()))

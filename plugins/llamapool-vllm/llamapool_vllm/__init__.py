@@ -1,16 +1,18 @@
 """The vLLM backend for llamapool workers; it suits any OpenAI-compatible server.
 
 vLLM, llama.cpp's ``llama-server``, LM Studio and the like serve the OpenAI API under ``/v1``
-and nothing of Ollama's native ``/api/*``, so this backend offers the OpenAI paths only and
-maps each to itself. The plugin imports only :mod:`llamapool.plugin_api`, like any third-party
-backend, and is found through the ``llamapool.backends`` entry point ``vllm``.
+(vLLM and llama.cpp also Anthropic's ``/v1/messages``) and nothing of Ollama's native
+``/api/*``, so this backend offers every OpenAI and Anthropic path and maps each to itself; a
+path the runtime lacks answers its own 404, relayed. The plugin imports only
+:mod:`llamapool.plugin_api`, like any third-party backend, and is found through the
+``llamapool.backends`` entry point ``vllm``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llamapool.plugin_api import OPENAI_PATHS, Backend, BackendError, fetch_json
+from llamapool.plugin_api import ANTHROPIC_PATHS, OPENAI_PATHS, Backend, BackendError, fetch_json
 
 if TYPE_CHECKING:
     import aiohttp
@@ -24,7 +26,7 @@ class VllmBackend(Backend):
     The optional API key is what the server was started with (``vllm serve --api-key``).
     """
 
-    paths: ClassVar[frozenset[str]] = OPENAI_PATHS
+    paths: ClassVar[frozenset[str]] = OPENAI_PATHS | ANTHROPIC_PATHS
     default_url: ClassVar[str] = "http://127.0.0.1:8000"
 
     @property

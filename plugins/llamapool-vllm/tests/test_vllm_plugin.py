@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from llamapool.plugin_api import OPENAI_PATHS, BackendError, BackendSettings
+from llamapool.plugin_api import ANTHROPIC_PATHS, OPENAI_PATHS, BackendError, BackendSettings
 from llamapool.testing import create_broken_app, create_fake_vllm_app, fake_log
 from llamapool.worker.loader import available, load_backend
 from llamapool_vllm import VllmBackend
@@ -106,12 +106,13 @@ async def test_list_models_raises_on_a_bad_answer(
             await backend_for(url_of(server)).list_models(http)
 
 
-def test_serves_only_the_openai_paths() -> None:
-    """An OpenAI-compatible server has no Ollama-native API, so only OpenAI paths are served."""
-    assert OPENAI_PATHS == VllmBackend.paths
+def test_serves_the_openai_and_anthropic_paths() -> None:
+    """An OpenAI-compatible server has no Ollama-native API: every OpenAI and Anthropic path
+    is served, no Ollama one."""
+    assert OPENAI_PATHS | ANTHROPIC_PATHS == VllmBackend.paths
 
 
-@pytest.mark.parametrize("path", sorted(OPENAI_PATHS))
+@pytest.mark.parametrize("path", sorted(OPENAI_PATHS | ANTHROPIC_PATHS))
 @pytest.mark.parametrize("url", ["http://gpu-box:8000", "http://gpu-box:8000/v1/"])
 def test_upstream_url_keeps_the_path(url: str, path: str) -> None:
     """Each public path maps to the same path on the server, with or without /v1 in the URL."""

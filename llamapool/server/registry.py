@@ -1,0 +1,72 @@
+"""The one owner of a worker's lifecycle: joining, changing models or status, leaving.
+
+Three structures follow every worker: the pool (who takes the next request), the state (totals,
+the state API, the metrics) and the scheduler (requests waiting for a worker). Each lifecycle
+event must reach all three, in order, wherever it happens (a register, a models update, a
+socket closing, an eviction); callers tell the registry what happened and it keeps them
+consistent. A worker leaves once: whichever of eviction and its socket closing comes first
+does the work, the other finds nothing to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import structlog
+
+from llamapool.protocol import STATUS_DRAINING, STATUS_NOT_READY, STATUS_READY
+from llamapool.server.pool import Pool, WorkerHandle
+from llamapool.server.scheduler import Scheduler
+from llamapool.server.state import PoolState
+
+log = structlog.get_logger("llamapool.server")
+
+
+class Registry:
+    """Tells the pool, the state and the scheduler about every worker event."""
+
+    def __init__(self, pool: Pool, state: PoolState, scheduler: Scheduler) -> None:
+        self.pool = pool
+        self.state = state
+        self.scheduler = scheduler
+
+    def join(self, worker: WorkerHandle) -> WorkerHandle | None:
+        """A worker registered; returns the connection of the same worker it replaces.
+
+        Raises :class:`~llamapool.errors.WorkerIdInUseError` when another worker holds the id.
+        """
+        replaced = self.pool.add(worker)
+        self.state.worker_joined(worker)
+        self.state.models_changed()
+        self.scheduler.dispatch()  # queued requests may be waiting for exactly this worker
+        return replaced
+
+    def leave(self, worker: WorkerHandle) -> bool:
+        """A worker is gone (its socket closed, or it was evicted); ``False`` if it already
+        was, or a new connection of the same worker replaced it."""
+        if not self.pool.remove(worker):
+            return False
+        self.state.worker_left(worker)
+        self.state.models_changed()
+        self.scheduler.dispatch()  # fail waiters for models nobody serves any more
+        return True
+
+    def set_models(self, worker: WorkerHandle, models: Iterable[str]) -> None:
+        """A connected worker's backend now serves ``models``."""
+        self.pool.set_models(worker, models)
+        self.state.models_changed()
+        self.scheduler.dispatch()
+
+    def set_status(self, worker: WorkerHandle, status: str) -> None:
+        """A worker is ``ready``, ``draining`` or ``not_ready`` (other values are ignored)."""
+        if status == STATUS_DRAINING:
+            self.pool.set_status(worker, draining=True)
+        elif status == STATUS_NOT_READY:
+            self.pool.set_status(worker, ready=False)
+        elif status == STATUS_READY:
+            self.pool.set_status(worker, draining=False, ready=True)
+        else:
+            return
+        self.state.models_changed()
+        self.scheduler.dispatch()
+        log.info("worker_status_changed", worker_id=worker.id, status=status)
