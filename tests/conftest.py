@@ -54,6 +54,11 @@ async def wait_for(
         await asyncio.sleep(0.01)
 
 
+def url_of(server: TestServer) -> str:
+    """The base URL of a test server (a fake backend, usually)."""
+    return f"http://{server.host}:{server.port}"
+
+
 class PoolServer:
     """A running server and what tests need to reach it."""
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamapool.plugin_api import BackendSettings
@@ -32,10 +31,6 @@ DOWN = "down:1b"
 UNKNOWN = "nope-unknown:1b"
 #: Seconds between two tokens of the fake runtime.
 DELAY = 0.05
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 def chat(prompt: str, *, stream: bool, model: str = MODEL, usage: bool = False) -> dict[str, Any]:

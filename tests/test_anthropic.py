@@ -12,13 +12,9 @@ from pytest_aiohttp import AiohttpServer
 
 from llamapool.testing import create_fake_vllm_app, fake_log
 
-from .conftest import API_KEY, PoolServer, StartWorker
+from .conftest import API_KEY, PoolServer, StartWorker, url_of
 
 MODEL = "Qwen/Qwen3-8B"
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 async def vllm_worker(

@@ -11,7 +11,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
@@ -28,7 +27,7 @@ from llamapool.protocol import (
 )
 from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app, fake_log
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer, StartServer, StartWorker, wait_for
+from .conftest import API_KEY, WORKER_KEY, PoolServer, StartServer, StartWorker, url_of, wait_for
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello pool"}]}
 #: Every key-protected route, with a body that succeeds through a demo worker.
@@ -45,10 +44,6 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/api/v1/state", None),
 ]
 ROUTE_IDS = [f"{method} {path}" for method, path, _ in ROUTES]
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 def is_ollama(path: str) -> bool:

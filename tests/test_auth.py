@@ -13,7 +13,6 @@ import orjson
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
@@ -29,7 +28,7 @@ from llamapool.testing import create_fake_ollama_app, serve_app
 from llamapool.worker.status import serving_status
 
 from .cli_helpers import cli_env, cli_process, ws_url
-from .conftest import PoolServer, StartServer, StartWorker
+from .conftest import PoolServer, StartServer, StartWorker, url_of
 
 MODEL = "llama3:8b"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -50,10 +49,6 @@ def leaked(text: str | bytes) -> list[str]:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     return [secret for secret in SECRETS if secret in text]
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 async def status_of(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> int:

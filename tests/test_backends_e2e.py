@@ -24,7 +24,7 @@ from llamapool.testing import (
     fake_log,
 )
 
-from .conftest import API_KEY, PoolServer, StartWorker
+from .conftest import API_KEY, PoolServer, StartWorker, url_of
 
 MODEL = "llama3:8b"
 PROMPT = "hello from the pool"
@@ -76,10 +76,6 @@ OPENWEBUI = Runtime(
 )
 RUNTIMES = [pytest.param(r, id=r.plugin) for r in (OLLAMA, VLLM, OPENWEBUI)]
 OLLAMA_NATIVE = [pytest.param(r, id=r.plugin) for r in (OLLAMA, OPENWEBUI)]
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 async def start_pool(

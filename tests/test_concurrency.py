@@ -9,12 +9,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from llamapool.testing import create_fake_ollama_app, fake_log
 
-from .conftest import PoolServer, StartWorker, wait_for
+from .conftest import PoolServer, StartWorker, url_of, wait_for
 
 MODEL = "llama3:8b"
 WORKERS = 4
@@ -23,10 +22,6 @@ REQUESTS = 300
 #: Twice the pool's capacity, so requests compete for slots.
 CLIENTS = 2 * WORKERS * MAX_CONCURRENCY
 MAX_ATTEMPTS = 200
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 def request_for(i: int, prompt: str) -> tuple[str, dict[str, Any]]:

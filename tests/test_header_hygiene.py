@@ -13,7 +13,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType, web
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
@@ -34,7 +33,7 @@ from llamapool.testing import create_fake_ollama_app, fake_log
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer, StartWorker, wait_for
+from .conftest import API_KEY, WORKER_KEY, PoolServer, StartWorker, url_of, wait_for
 
 MODEL = "llama3:8b"
 BACKEND_KEY = "backend-key-77"
@@ -92,10 +91,6 @@ async def chunked(body: bytes) -> AsyncIterator[bytes]:
     """The body as an async generator, so the client sends it with Transfer-Encoding: chunked."""
     yield body[:10]
     yield body[10:]
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 def hop_by_hop_in(

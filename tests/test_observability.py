@@ -28,6 +28,7 @@ from .conftest import (
     PoolServer,
     StartServer,
     StartWorker,
+    url_of,
 )
 from .observability_helpers import (
     BROKEN,
@@ -48,7 +49,6 @@ from .observability_helpers import (
     settled,
     status_of,
     streams_running,
-    url_of,
 )
 
 SUCCESSES: list[tuple[str, dict[str, Any]]] = [

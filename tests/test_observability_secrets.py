@@ -19,6 +19,7 @@ from .conftest import (
     WORKER_KEY,
     PoolServer,
     StartWorker,
+    url_of,
     wait_for,
 )
 from .observability_helpers import (
@@ -26,7 +27,6 @@ from .observability_helpers import (
     SSEReader,
     chat,
     status_of,
-    url_of,
 )
 
 BACKEND_KEY = "backend-key-5d0e1c"

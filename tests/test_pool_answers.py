@@ -9,20 +9,15 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 from ollama import AsyncClient as OllamaClient
 from ollama import ResponseError
 from pytest_aiohttp import AiohttpServer
 
 from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app, fake_log
 
-from .conftest import PoolServer, StartWorker, wait_for
+from .conftest import PoolServer, StartWorker, url_of, wait_for
 
 MODEL = "llama3:8b"
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 async def ollama(server: PoolServer, call: str, *args: Any) -> Any:

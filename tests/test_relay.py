@@ -42,14 +42,10 @@ from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
 from llamapool_ollama import OllamaBackend
 
-from .conftest import API_KEY, WORKER_KEY, PoolServer, StartServer, StartWorker, wait_for
+from .conftest import API_KEY, WORKER_KEY, PoolServer, StartServer, StartWorker, url_of, wait_for
 
 MODEL = "llama3:8b"
 DELAY = 0.2
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 def chat(prompt: str, *, stream: bool, model: str = MODEL) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from llamapool.plugin_api import ANTHROPIC_PATHS, OLLAMA_PATHS, OPENAI_PATHS
 from llamapool.server.routes import MODEL_ROUTES, Body
 from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app, fake_log
 
-from .conftest import API_KEY, PoolServer, StartWorker
+from .conftest import API_KEY, PoolServer, StartWorker, url_of
 
 MODEL = "llama3:8b"
 CHAT = [{"role": "user", "content": "hello pool"}]
@@ -43,10 +43,6 @@ BODIES: dict[str, dict[str, Any]] = {
 JSON_ROUTES = [r.path for r in MODEL_ROUTES if r.body is Body.JSON]
 VLLM_PATHS = sorted(p for p in JSON_ROUTES if not p.startswith("/api/"))
 OLLAMA_NATIVE = sorted(p for p in JSON_ROUTES if p.startswith("/api/"))
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
 
 
 async def start_backend(

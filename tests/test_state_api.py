@@ -22,6 +22,7 @@ from .conftest import (
     PoolServer,
     StartServer,
     StartWorker,
+    url_of,
     wait_for,
 )
 from .observability_helpers import (
@@ -39,7 +40,6 @@ from .observability_helpers import (
     state_until,
     status_of,
     streams_running,
-    url_of,
 )
 
 SERVER_KEYS = {

@@ -18,6 +18,7 @@ from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app
 from .conftest import (
     PoolServer,
     StartWorker,
+    url_of,
 )
 from .observability_helpers import (
     MODEL,
@@ -29,7 +30,6 @@ from .observability_helpers import (
     scrape,
     scrape_until,
     settled,
-    url_of,
 )
 
 VLLM_MODEL = "Qwen/Qwen2.5-7B-Instruct"

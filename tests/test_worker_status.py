@@ -19,6 +19,7 @@ from .conftest import (
     PoolServer,
     StartServer,
     StartWorker,
+    url_of,
     wait_for,
 )
 from .observability_helpers import (
@@ -33,7 +34,6 @@ from .observability_helpers import (
     scrape,
     status_of,
     streams_running,
-    url_of,
 )
 
 ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
