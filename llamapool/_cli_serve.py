@@ -104,6 +104,21 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     help="File of worker keys, one per line (added to --worker-key).",
 )
 @option(
+    "--keys-file",
+    envvar="KEYS_FILE",
+    default="",
+    show_default=False,
+    help="YAML file of named client keys with models, limits and weights (reloaded on "
+    "SIGHUP and when it changes).",
+)
+@duration(
+    "--keys-poll-interval",
+    "KEYS_POLL_INTERVAL",
+    field_default(ServeConfig, "keys_poll_interval"),
+    "How often to check whether --keys-file changed.",
+    zero=False,
+)
+@option(
     "--ws-path",
     envvar="WS_PATH",
     default=field_default(ServeConfig, "ws_path"),
@@ -135,7 +150,14 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     envvar="QUEUE_SIZE",
     type=click.IntRange(min=0),
     default=field_default(ServeConfig, "queue_size"),
-    help="Requests that may wait per model while its workers are busy (0: none).",
+    help="Requests each key may have waiting per model while its workers are busy (0: none).",
+)
+@option(
+    "--max-queued",
+    envvar="MAX_QUEUED",
+    type=click.IntRange(min=0),
+    default=field_default(ServeConfig, "max_queued"),
+    help="Requests that may wait at once over every model and key (0: no overall bound).",
 )
 @duration(
     "--queue-timeout",
@@ -231,6 +253,12 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     type=click.IntRange(min=1),
     default=field_default(ServeConfig, "max_models_per_worker"),
     help="Models one worker may advertise.",
+)
+@option(
+    "--access-log/--no-access-log",
+    envvar="ACCESS_LOG",
+    default=field_default(ServeConfig, "access_log"),
+    help="Log one line per HTTP request (method, path, status, duration, bytes, key name).",
 )
 @click.option(
     "--demo",

@@ -17,16 +17,20 @@ from typing import Any
 
 import click
 
+from llamapool._cli_mcp import McpSettings, mcp, mcp_settings
 from llamapool._cli_serve import ServeSettings, serve, serve_settings
 from llamapool._cli_work import WorkSettings, work, work_settings
 from llamapool.build import build_info
 from llamapool.errors import LlamapoolError
 
 __all__ = [
+    "McpSettings",
     "ServeSettings",
     "WorkSettings",
     "cli",
     "main",
+    "mcp",
+    "mcp_settings",
     "resolve",
     "serve",
     "serve_settings",
@@ -59,15 +63,17 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(work)
+cli.add_command(mcp)
 
 
 _SETTINGS: dict[str, tuple[click.Command, Callable[[Mapping[str, Any]], Any]]] = {
     "serve": (serve, serve_settings),
     "work": (work, work_settings),
+    "mcp": (mcp, mcp_settings),
 }
 
 
-def resolve(args: Sequence[str]) -> ServeSettings | WorkSettings:
+def resolve(args: Sequence[str]) -> ServeSettings | WorkSettings | McpSettings:
     """The settings ``llamapool <args>`` would run with, from flags, environment and files.
 
     Runs nothing: tests and tools use it to see what a command line means.
@@ -76,7 +82,7 @@ def resolve(args: Sequence[str]) -> ServeSettings | WorkSettings:
         raise click.UsageError(f"expected one of {', '.join(_SETTINGS)}")
     command, build = _SETTINGS[args[0]]
     with command.make_context(args[0], list(args[1:])) as ctx:
-        settings: ServeSettings | WorkSettings = build(ctx.params)
+        settings: ServeSettings | WorkSettings | McpSettings = build(ctx.params)
     return settings
 
 

@@ -72,6 +72,15 @@ class ServeConfig:
     max_workers: int = 1024
     #: Models one worker may advertise.
     max_models_per_worker: int = 1000
+    #: YAML file of named client keys with limits (reloaded on SIGHUP and when it changes).
+    keys_file: str = ""
+    #: Seconds between two checks whether ``keys_file`` changed.
+    keys_poll_interval: float = 2.0
+    #: Requests that may wait at once over every model and key (0: only ``queue_size`` per
+    #: key and model bounds them).
+    max_queued: int = 0
+    #: One log line per HTTP request.
+    access_log: bool = True
 
     @tls_key.validator
     def _check_tls(self, _: attrs.Attribute[str], value: str) -> None:

@@ -72,3 +72,8 @@ class WorkerIdInUseError(LlamapoolError):
 
 class BackendError(LlamapoolError):
     """The worker could not reach its backend or the backend failed mid-answer."""
+
+
+class McpUpstreamError(LlamapoolError):
+    """An MCP relay could not open a session with its MCP server (the command does not start,
+    the URL does not answer)."""

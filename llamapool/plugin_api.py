@@ -2,8 +2,9 @@
 
 A backend adapter is a small strategy object. It tells the worker how to reach one kind of LLM
 runtime: which public API paths it serves and at which upstream URL, which headers to add, and
-how to list the runtime's models. It never translates a protocol; request and response bytes go
-through unchanged. The worker owns the HTTP session and the request loop.
+how to list the runtime's models. It never translates a protocol: request and response bytes go
+through unchanged, and where the runtime lacks Ollama's native API but serves OpenAI's, the
+worker translates by itself. The worker owns the HTTP session and the request loop.
 
 To add a backend, subclass :class:`Backend` and declare it in your distribution::
 
@@ -17,7 +18,7 @@ Then run ``llamapool work --backend mybackend``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any, ClassVar
 
 import aiohttp
@@ -40,7 +41,10 @@ __all__ = [
 #: model endpoint the server relays and added :data:`ANTHROPIC_PATHS`: a plugin that declares
 #: ``OPENAI_PATHS`` now also gets the Responses, rerank, audio and image paths (a path its
 #: runtime lacks gets the runtime's own answer, relayed). List the paths to keep a narrower set.
-API_VERSION = 2
+#: Version 3 added :meth:`Backend.native_models`, with a default that keeps version 2 plugins
+#: working unchanged; a worker now also offers Ollama's native paths for a backend that serves
+#: their OpenAI counterparts, and translates.
+API_VERSION = 3
 
 #: The OpenAI API paths the server relays (``/rerank`` and ``/v1/score`` are the spellings
 #: vLLM and llama.cpp's server use for reranking).
@@ -84,7 +88,9 @@ class Backend(abc.ABC):
     the rest has defaults that suit most HTTP runtimes.
     """
 
-    #: Public API paths (as clients call the server) this backend can serve.
+    #: Public API paths (as clients call the server) this backend serves natively. The worker
+    #: also offers the Ollama paths in :data:`OLLAMA_PATHS` whose OpenAI counterpart is here
+    #: (``/api/chat`` for ``/v1/chat/completions``, and so on), and translates them.
     paths: ClassVar[frozenset[str]]
     #: Base URL used when the operator gives none.
     default_url: ClassVar[str]
@@ -99,6 +105,16 @@ class Backend(abc.ABC):
     def upstream_url(self, path: str) -> str:
         """The runtime's URL for a public API path in :attr:`paths`."""
         return self.base_url + path
+
+    def native_models(self, path: str) -> Container[str] | None:
+        """The models for which the runtime serves ``path`` (one of :attr:`paths`) itself;
+        ``None`` (the default) means all of them.
+
+        Only asked for an Ollama path the worker could also translate: a runtime that proxies
+        some models to Ollama and others elsewhere (Open WebUI) names the Ollama ones, and the
+        worker translates the request for the others.
+        """
+        return None
 
     def auth_headers(self) -> Mapping[str, str]:
         """Headers that authenticate the worker to the runtime (never the client's)."""

@@ -8,6 +8,20 @@ that enable them.
 
 Between two llamapool-py peers, bodies travel as binary WebSocket frames instead (see
 :func:`pack_frame`): a one-byte kind, the request id, then the raw bytes, never base64-encoded.
+
+MCP relays (``llamapool mcp``) use the same socket and ``register`` with ``kind: "mcp"``,
+``mcp_id`` (the public endpoint id), ``mcp_token_sha256`` (hex SHA-256 of the endpoint's extra
+client token, or empty) and ``mcp_call_timeout`` (seconds, 0: the server's default);
+``max_concurrency`` is the relay's session limit. Then, in both directions, per public MCP
+session (the server's ``Mcp-Session-Id``):
+
+- ``mcp_open {session}`` (server to relay): start one upstream MCP session;
+- ``mcp_message {session, data}``: one JSON-RPC message, ``data`` its JSON text, relayed as is;
+- ``mcp_close {session, reason}``: the session is over (from the server: stop the upstream,
+  cancelling its calls; from the relay: the upstream died or refused).
+
+A relay drains with ``status_update`` ``draining``; heartbeats are a worker's. Only a relay
+registers that way, so a Go peer never sees these messages.
 """
 
 from __future__ import annotations
@@ -94,6 +108,11 @@ class Register:
     #: connected worker replaces that connection only when it carries the same secret: the
     #: same process coming back on a new link, not anyone else holding the worker key.
     instance: str = attrs.field(default="", repr=False)
+    #: ``"mcp"`` for an MCP relay (see the module docstring); empty for a worker.
+    kind: str = ""
+    mcp_id: str = ""
+    mcp_token_sha256: str = attrs.field(default="", repr=False)
+    mcp_call_timeout: int = 0
 
     @property
     def key(self) -> str:
@@ -196,6 +215,32 @@ class Registered:
     version: str = ""
 
 
+@attrs.frozen
+class McpOpen:
+    """Extension, server to MCP relay: start an upstream session for public ``session``."""
+
+    TYPE: ClassVar[str] = "mcp_open"
+    session: str
+
+
+@attrs.frozen
+class McpMessage:
+    """Extension, both ways: one JSON-RPC message (its JSON text) of an MCP session."""
+
+    TYPE: ClassVar[str] = "mcp_message"
+    session: str
+    data: str
+
+
+@attrs.frozen
+class McpClose:
+    """Extension, both ways: an MCP session is over, and why."""
+
+    TYPE: ClassVar[str] = "mcp_close"
+    session: str
+    reason: str = ""
+
+
 Message: TypeAlias = (
     Register
     | Heartbeat
@@ -208,6 +253,9 @@ Message: TypeAlias = (
     | Cancel
     | Credit
     | Registered
+    | McpOpen
+    | McpMessage
+    | McpClose
 )
 
 _CLASSES: dict[str, type[Message]] = {
@@ -224,6 +272,9 @@ _CLASSES: dict[str, type[Message]] = {
         Cancel,
         Credit,
         Registered,
+        McpOpen,
+        McpMessage,
+        McpClose,
     )
 }
 
@@ -293,6 +344,9 @@ def encode(message: Message) -> str:
         for extension in ("body_len", "window", "model"):
             if not data[extension]:
                 del data[extension]
+    if isinstance(message, Register) and not message.kind:  # a worker's: no MCP fields
+        for extension in ("kind", "mcp_id", "mcp_token_sha256", "mcp_call_timeout"):
+            del data[extension]
     data["type"] = message.TYPE
     return orjson.dumps(data).decode()
 

@@ -21,7 +21,7 @@ from llamapool.config import ServeConfig, WorkConfig
 from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import create_app, create_metrics_app, drain
-from llamapool.server.appkeys import SOCKETS, STATE
+from llamapool.server.appkeys import KEYS, SOCKETS, STATE
 from llamapool.server.connections import ConnectionGuard, make_runner, refusal_counter
 from llamapool.server.resources import (
     BACKLOG,
@@ -61,7 +61,7 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
         log.info("server_listening", url=url, ws_path=cfg.ws_path)
         if cfg.metrics_port is not None:
-            metrics_app = create_metrics_app(app[STATE], cfg)
+            metrics_app = create_metrics_app(app[STATE], cfg, keys=app[KEYS])
             metrics_runner = make_runner(
                 metrics_app, cfg, guard=ConnectionGuard(METRICS_CONNECTIONS)
             )
@@ -74,8 +74,11 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
                 "metrics_listening", url=_url(cfg.host, port, tls=tls is not None) + "/metrics"
             )
         _warn_if_open(cfg)
+        reload_on_sighup = _on_sighup(app[KEYS].reload)
         yield url
     finally:
+        if reload_on_sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await stop_server(runner)
@@ -113,7 +116,7 @@ def _warn_if_open(cfg: ServeConfig) -> None:
         loopback = cfg.host == "localhost"
     if loopback:
         return
-    if not cfg.api_keys:
+    if not cfg.api_keys and not cfg.keys_file:
         log.warning("no_api_key", hint="anyone who can reach this port can use the pool")
     if not cfg.worker_keys:
         log.warning("no_worker_key", hint="anyone who can reach this port can join as a worker")
@@ -179,6 +182,18 @@ def _on_signals(callback: Callable[[], None]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # Windows
             loop.add_signal_handler(sig, callback)
+
+
+def _on_sighup(callback: Callable[[], object]) -> bool:
+    """Call ``callback`` on SIGHUP (the keys file's reload); ``False`` where there is none."""
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is None:
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(sighup, callback)
+    except (NotImplementedError, RuntimeError):  # not the main thread's loop
+        return False
+    return True
 
 
 async def _until_stopped(main: Awaitable[None]) -> None:

@@ -19,6 +19,10 @@ from typing import Any
 
 from llamapool.cli import cli
 
+#: The keys CLI pools run with.
+API_KEY = "cli-api-key"
+WORKER_KEY = "cli-worker-key"
+
 
 #: Every environment variable the CLI reads; stripped from the inherited environment so the
 #: developer's own settings never leak into a test.
@@ -209,3 +213,23 @@ async def cli_process(*args: str, env: dict[str, str] | None = None) -> AsyncIte
 def ws_url(http_url: str, ws_path: str = "/workers/connect") -> str:
     """The worker WebSocket URL of a server listening at ``http_url``."""
     return "ws" + http_url.removeprefix("http") + ws_path
+
+
+@contextlib.asynccontextmanager
+async def running_server(*args: str, **env: str) -> AsyncIterator[tuple[CliProcess, str]]:
+    """``llamapool serve`` on a free loopback port with the test keys; yields it and its URL."""
+    settings = {"API_KEY": API_KEY, "WORKER_KEY": WORKER_KEY, **env}
+    async with cli_process(
+        "serve", "--host", "127.0.0.1", "--port", "0", *args, env=cli_env(**settings)
+    ) as server:
+        listening = await server.event("server_listening")
+        yield server, str(listening["url"])
+
+
+@contextlib.asynccontextmanager
+async def running_worker(url: str, *args: str, **env: str) -> AsyncIterator[CliProcess]:
+    """``llamapool work`` against the server at ``url``; yields once the server confirmed it."""
+    settings = {"SERVER_URL": ws_url(url), "WORKER_KEY": WORKER_KEY, **env}
+    async with cli_process("work", *args, env=cli_env(**settings)) as worker:
+        await worker.event("worker_registered")
+        yield worker

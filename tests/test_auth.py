@@ -23,6 +23,7 @@ from llamapool.log import configure_logging, reset_logging
 from llamapool.run import _warn_if_open, running_server
 from llamapool.server import middleware, workers
 from llamapool.server.app import create_app
+from llamapool.server.keyfile import KeyRing, digest
 from llamapool.server.workers import key_matches
 from llamapool.testing import create_fake_ollama_app, serve_app
 from llamapool.worker.status import serving_status
@@ -86,10 +87,13 @@ def test_key_matches_compares_with_hmac_compare_digest_against_every_key() -> No
     ]
 
 
-def test_clients_and_workers_are_both_checked_with_key_matches() -> None:
-    """The client middleware and the worker socket both compare keys through key_matches."""
-    assert "key_matches(" in inspect.getsource(middleware.client_auth)
+def test_workers_are_checked_with_key_matches_and_clients_by_sha256() -> None:
+    """The worker socket compares keys through key_matches; the client middleware looks up
+    the SHA-256 of the presented key (keyfile.KeyRing.lookup), never comparing raw values."""
     assert "key_matches(" in inspect.getsource(workers._admit)
+    assert "keys.authenticate(" in inspect.getsource(middleware.client_auth)
+    assert "self.by_sha256.get(digest(presented))" in inspect.getsource(KeyRing.lookup)
+    assert "hashlib.sha256(" in inspect.getsource(digest)
 
 
 async def test_a_key_that_is_not_utf8_is_refused_with_401(pool_server: PoolServer) -> None:

@@ -323,30 +323,33 @@ async def test_the_ollama_sdk_chats_through_the_pool(
     assert f"echo: {PROMPT}" == "".join(parts)
 
 
-# --- vLLM has no Ollama API -----------------------------------------------------------------
+# --- vLLM has no Ollama API: the worker translates ----------------------------------------
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed"])
-async def test_a_vllm_only_pool_answers_404_for_ollama_paths(
+async def test_a_vllm_only_pool_translates_ollama_paths(
     aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker, path: str
 ) -> None:
-    """With only a vLLM worker, Ollama-native requests for its model answer 404 JSON and never
-    reach vLLM."""
+    """With only a vLLM worker, Ollama-native requests for its model are answered in Ollama's
+    shape, and vLLM only ever sees OpenAI paths."""
     backend = await start_pool(aiohttp_server, pool_server, start_worker, VLLM)
-    body = {"model": MODEL, "prompt": PROMPT, "input": PROMPT, "messages": []}
+    body = {"model": MODEL, "prompt": PROMPT, "input": PROMPT, "messages": [], "stream": False}
+    if path == "/api/chat":
+        body["messages"] = [{"role": "user", "content": PROMPT}]
 
     status, content_type, raw, _ = await post(pool_server, path, body)
 
-    assert (404, "application/json") == (status, content_type)
-    assert isinstance(orjson.loads(raw)["error"], str)
-    assert ["/v1/models"] == fake_log(backend.app).paths  # only the worker's model listing
+    answer = orjson.loads(raw)
+    assert (200, "application/json") == (status, content_type)
+    assert "embeddings" in answer if path == "/api/embed" else answer["done"] is True
+    assert not [p for p in fake_log(backend.app).paths if p.startswith("/api/")]
 
 
-async def test_ollama_paths_go_to_the_ollama_worker_even_when_vllm_is_idle(
+async def test_ollama_paths_go_to_the_least_busy_worker_translated_or_not(
     aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
 ) -> None:
-    """With an ollama and a vllm worker serving one model, every /api/chat goes to ollama,
-    even while ollama is the busier one; OpenAI requests go to the least busy."""
+    """With an ollama and a vllm worker serving one model, /api/chat goes to the least busy
+    one like any request: to vllm (translated) while ollama is busy."""
     ollama = await start_pool(aiohttp_server, pool_server, start_worker, OLLAMA, chunk_delay=0.05)
     vllm = await start_pool(aiohttp_server, pool_server, start_worker, VLLM)
     long_chat = {"model": MODEL, "messages": [{"role": "user", "content": "w " * 100}]}
@@ -362,10 +365,12 @@ async def test_ollama_paths_go_to_the_ollama_worker_even_when_vllm_is_idle(
         await held.read()
 
     assert [200] * 5 == [status for status, *_ in native]
-    assert 6 == fake_log(ollama.app).paths.count("/api/chat")
-    assert not [p for p in fake_log(vllm.app).paths if p.startswith("/api/")]
+    assert [f"echo: {PROMPT}"] * 5 == [
+        orjson.loads(raw)["message"]["content"] for *_, raw, _ in native
+    ]
+    assert 1 == fake_log(ollama.app).paths.count("/api/chat")
     assert 200 == openai[0]
-    assert ["/v1/models", "/v1/chat/completions"] == fake_log(vllm.app).paths
+    assert ["/v1/models"] + ["/v1/chat/completions"] * 6 == fake_log(vllm.app).paths
 
 
 # --- Open WebUI -----------------------------------------------------------------------------

@@ -4,7 +4,6 @@ of ``serve`` and ``work`` processes used through the official ``openai`` and ``o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import re
@@ -24,17 +23,17 @@ import pytest
 from llamapool.testing import create_fake_ollama_app, serve_app
 
 from .cli_helpers import (
-    CliProcess,
+    API_KEY,
     cli_env,
     cli_process,
     json_lines,
     other_lines,
     run_cli,
+    running_server,
+    running_worker,
     ws_url,
 )
 
-API_KEY = "cli-api-key"
-WORKER_KEY = "cli-worker-key"
 SERVE_VARS = ("PORT", "HOST", "API_KEY", "WORKER_KEY", "WS_PATH", "REQUEST_TIMEOUT")
 WORK_VARS = (
     "SERVER_URL",
@@ -52,26 +51,6 @@ VERSION_LINE = re.compile(
     r"^llamapool (?P<version>\S+) \(sha (?P<sha>[0-9a-f]{7,40}), "
     r"built (?P<date>\d{4}-\d\d-\d\d\S*)\)$"
 )
-
-
-@contextlib.asynccontextmanager
-async def running_server(*args: str, **env: str) -> AsyncIterator[tuple[CliProcess, str]]:
-    """``llamapool serve`` on a free loopback port with the test keys; yields it and its URL."""
-    settings = {"API_KEY": API_KEY, "WORKER_KEY": WORKER_KEY, **env}
-    async with cli_process(
-        "serve", "--host", "127.0.0.1", "--port", "0", *args, env=cli_env(**settings)
-    ) as server:
-        listening = await server.event("server_listening")
-        yield server, str(listening["url"])
-
-
-@contextlib.asynccontextmanager
-async def running_worker(url: str, *args: str, **env: str) -> AsyncIterator[CliProcess]:
-    """``llamapool work`` against the server at ``url``; yields once the server confirmed it."""
-    settings = {"SERVER_URL": ws_url(url), "WORKER_KEY": WORKER_KEY, **env}
-    async with cli_process("work", *args, env=cli_env(**settings)) as worker:
-        await worker.event("worker_registered")
-        yield worker
 
 
 async def owners(url: str) -> dict[str, str]:

@@ -116,8 +116,8 @@ async def test_ollama_paths_reach_an_ollama_worker(
 async def test_a_path_goes_only_to_a_worker_whose_backend_serves_it(
     aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
 ) -> None:
-    """With one model on an Ollama and a vLLM worker, rerank goes to vLLM and Ollama's native
-    chat to Ollama, every time."""
+    """With one model on an Ollama and a vLLM worker, rerank goes to vLLM and Ollama's model
+    details to Ollama, every time."""
     ollama = await start_backend(
         aiohttp_server, pool_server, start_worker, "ollama", create_fake_ollama_app
     )
@@ -126,14 +126,14 @@ async def test_a_path_goes_only_to_a_worker_whose_backend_serves_it(
     )
 
     for _ in range(3):
-        for path in ("/v1/rerank", "/api/chat"):
+        for path in ("/v1/rerank", "/api/show"):
             status, _ = await post(pool_server, path, headers=pool_server.auth, json=BODIES[path])
             assert 200 == status
 
     def posts(backend: TestServer) -> set[str]:
         return {r.path for r in fake_log(backend.app).requests if r.method == "POST"}
 
-    assert ({"/api/chat"}, {"/v1/rerank"}) == (posts(ollama), posts(vllm))
+    assert ({"/api/show"}, {"/v1/rerank"}) == (posts(ollama), posts(vllm))
 
 
 async def test_a_path_the_runtime_lacks_gets_the_runtimes_own_answer(

@@ -107,7 +107,10 @@ async def test_the_state_has_the_go_schema(
 
     (worker,) = state["workers"]
     server = state["server"]
-    assert {"server", "workers_summary", "models", "workers"} == set(state)
+    # Go's four, plus what llamapool-py adds (per-key usage; MCP endpoints, when present).
+    assert {"server", "workers_summary", "models", "workers", "keys"} == set(state) - {
+        "mcp_endpoints"
+    }
     assert SERVER_KEYS == set(server)
     assert SUMMARY_KEYS == set(state["workers_summary"])
     assert [{"name": "demo", "workers": 1}] == state["models"]

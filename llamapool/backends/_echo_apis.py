@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,22 +44,38 @@ def _responses_usage(answer: Echo) -> dict[str, Any]:
     }
 
 
-def response(model: str, answer: Echo, *, rid: str, done: bool = True) -> dict[str, Any]:
-    """A ``response`` object (``done=False``: as ``response.created`` announces it)."""
-    message = {
+def response_id() -> str:
+    """A new response id, unique across workers as OpenAI's and vLLM's are (the pool routes a
+    follow-up by it)."""
+    return f"resp_{uuid.uuid4().hex}"
+
+
+def _message(answer: Echo, *, rid: str, done: bool) -> dict[str, Any]:
+    return {
         "type": "message",
         "id": f"msg_{rid}",
-        "status": "completed",
+        "status": "completed" if done else "in_progress",
         "role": "assistant",
-        "content": [{"type": "output_text", "text": answer.text, "annotations": []}],
+        "content": [_text_part(answer.text)] if done else [],
     }
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def response(
+    model: str, answer: Echo, *, rid: str, done: bool = True, previous: str | None = None
+) -> dict[str, Any]:
+    """A ``response`` object (``done=False``: as ``response.created`` announces it)."""
     return {
         "id": rid,
         "object": "response",
         "created_at": int(time.time()),
         "status": "completed" if done else "in_progress",
         "model": model,
-        "output": [message] if done else [],
+        "output": [_message(answer, rid=rid, done=True)] if done else [],
+        "previous_response_id": previous,
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [],
@@ -66,22 +83,46 @@ def response(model: str, answer: Echo, *, rid: str, done: bool = True) -> dict[s
     }
 
 
-def response_events(model: str, answer: Echo, *, rid: str) -> Iterator[dict[str, Any]]:
-    """The typed events of a streamed Responses answer."""
+def response_events(
+    model: str, answer: Echo, *, rid: str, previous: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The typed events of a streamed Responses answer, in the order OpenAI sends them."""
     seq = iter(range(1_000_000))
-    yield {"type": "response.created", "sequence_number": next(seq),
-           "response": response(model, answer, rid=rid, done=False)}  # fmt: skip
+    started = response(model, answer, rid=rid, done=False, previous=previous)
+    where = {"item_id": f"msg_{rid}", "output_index": 0}
+    yield {"type": "response.created", "sequence_number": next(seq), "response": started}
+    yield {"type": "response.in_progress", "sequence_number": next(seq), "response": started}
+    yield {"type": "response.output_item.added", "sequence_number": next(seq), "output_index": 0,
+           "item": _message(answer, rid=rid, done=False)}  # fmt: skip
+    yield {"type": "response.content_part.added", "sequence_number": next(seq), **where,
+           "content_index": 0, "part": _text_part("")}  # fmt: skip
     for token in answer.tokens:
-        yield {
-            "type": "response.output_text.delta",
-            "sequence_number": next(seq),
-            "item_id": f"msg_{rid}",
-            "output_index": 0,
-            "content_index": 0,
-            "delta": token,
-        }
+        yield {"type": "response.output_text.delta", "sequence_number": next(seq), **where,
+               "content_index": 0, "delta": token, "logprobs": []}  # fmt: skip
+    yield {"type": "response.output_text.done", "sequence_number": next(seq), **where,
+           "content_index": 0, "text": answer.text, "logprobs": []}  # fmt: skip
+    yield {"type": "response.content_part.done", "sequence_number": next(seq), **where,
+           "content_index": 0, "part": _text_part(answer.text)}  # fmt: skip
+    yield {"type": "response.output_item.done", "sequence_number": next(seq), "output_index": 0,
+           "item": _message(answer, rid=rid, done=True)}  # fmt: skip
     yield {"type": "response.completed", "sequence_number": next(seq),
-           "response": response(model, answer, rid=rid)}  # fmt: skip
+           "response": response(model, answer, rid=rid, previous=previous)}  # fmt: skip
+
+
+def input_items(rid: str, prompt: str) -> dict[str, Any]:
+    """``GET /v1/responses/{id}/input_items``: the request's input, as one user message."""
+    item = {
+        "type": "message",
+        "id": f"msg_in_{rid}",
+        "role": "user",
+        "content": [{"type": "input_text", "text": prompt}],
+    }
+    return {"object": "list", "data": [item], "first_id": item["id"], "last_id": item["id"],
+            "has_more": False}  # fmt: skip
+
+
+def deleted(rid: str) -> dict[str, Any]:
+    return {"id": rid, "object": "response", "deleted": True}
 
 
 # --- Anthropic Messages ---------------------------------------------------------------------

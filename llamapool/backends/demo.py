@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -31,6 +33,8 @@ from llamapool.plugin_api import (
 )
 
 DEMO_MODELS = ("demo",)
+#: How many Responses API answers the echo runtime keeps for follow-ups, oldest dropped first.
+STORED_RESPONSES = 1000
 
 
 @attrs.frozen
@@ -48,6 +52,9 @@ class EchoResponder:
     def __init__(self, options: EchoOptions | None = None) -> None:
         self.options = options or EchoOptions()
         self._ids = itertools.count(1)
+        #: Stored Responses API answers, with their prompt, by id (``store`` is true unless
+        #: the request says otherwise, as on OpenAI and vLLM).
+        self._stored: OrderedDict[str, tuple[dict[str, Any], str]] = OrderedDict()
 
     # OpenAI ---------------------------------------------------------------------------------
 
@@ -90,13 +97,46 @@ class EchoResponder:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body, model = await self._body(request, openai=True)
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self._stored:
+            raise _openai_error(
+                404,
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         prompt = _echo_apis.responses_prompt(body)
         answer = _capped(prompt, _int(body.get("max_output_tokens")))
-        rid = f"resp_demo_{next(self._ids)}"
+        rid = _echo_apis.response_id()
+        stored = _echo_apis.response(model, answer, rid=rid, previous=previous)
+        if body.get("store", True) is not False:
+            self._stored[rid] = (stored, prompt)
+            while len(self._stored) > STORED_RESPONSES:
+                self._stored.popitem(last=False)
         if not body.get("stream"):
-            return _json(_echo_apis.response(model, answer, rid=rid))
-        events = _echo_apis.response_events(model, answer, rid=rid)
+            return _json(stored)
+        events = _echo_apis.response_events(model, answer, rid=rid, previous=previous)
         return await self._stream(request, "text/event-stream", _sse(events, named=True))
+
+    async def stored_response(self, request: web.Request) -> web.Response:
+        """``GET``/``DELETE /v1/responses/{id}`` and ``GET .../input_items``."""
+        rid = request.match_info["id"]
+        if rid not in self._stored:
+            raise _openai_error(404, f"Response with id '{rid}' not found.")
+        stored, prompt = self._stored[rid]
+        if request.method == "DELETE":
+            del self._stored[rid]
+            return _json(_echo_apis.deleted(rid))
+        if request.path.endswith("/input_items"):
+            return _json(_echo_apis.input_items(rid, prompt))
+        return _json(stored)
+
+    async def cancel_response(self, request: web.Request) -> web.Response:
+        """``POST /v1/responses/{id}/cancel``: the echo never runs in the background."""
+        rid = request.match_info["id"]
+        if rid not in self._stored:
+            raise _openai_error(404, f"Response with id '{rid}' not found.")
+        raise _openai_error(400, "Only background responses can be cancelled.")
 
     async def rerank(self, request: web.Request) -> web.Response:
         body, model = await self._body(request, openai=True)
@@ -146,7 +186,7 @@ class EchoResponder:
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body, model = await self._body(request, openai=True)
         answer = _capped(_echo.chat_prompt(body), _int(body.get("max_tokens")))
-        rid = f"msg_demo_{next(self._ids)}"
+        rid = f"msg_{uuid.uuid4().hex}"
         if not body.get("stream"):
             return _json(_echo_apis.message(model, answer, rid=rid))
         events = _echo_apis.message_events(model, answer, rid=rid)
@@ -249,15 +289,22 @@ class EchoResponder:
             web.get("/v1/models", self.v1_models),
             web.get("/api/tags", self.api_tags),
             *(web.post(path, handler) for path, handler in post.items()),
+            web.get("/v1/responses/{id}", self.stored_response),
+            web.delete("/v1/responses/{id}", self.stored_response),
+            web.get("/v1/responses/{id}/input_items", self.stored_response),
+            web.post("/v1/responses/{id}/cancel", self.cancel_response),
         ]
 
     def add_routes(self, app: web.Application, paths: Collection[str] | None = None) -> None:
-        """Serve the routes at ``paths`` (every route when ``None``)."""
-        app.add_routes(
-            r
-            for r in self.routes()
-            if paths is None or (isinstance(r, web.RouteDef) and r.path in paths)
-        )
+        """Serve the routes at ``paths`` (every route when ``None``; the stored responses of
+        the Responses API wherever ``/v1/responses`` is served)."""
+
+        def wanted(path: str) -> bool:
+            if path.startswith("/v1/responses/"):
+                path = "/v1/responses"
+            return paths is None or path in paths
+
+        app.add_routes(r for r in self.routes() if isinstance(r, web.RouteDef) and wanted(r.path))
 
 
 def _sse(events: Iterable[dict[str, Any]], *, named: bool) -> Iterator[bytes]:
@@ -303,6 +350,15 @@ def _int(value: Any) -> int | None:
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _openai_error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> web.HTTPException:
+    """An error as OpenAI answers it, ``param`` and ``code`` included."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound}[status]
+    return cls(text=orjson.dumps({"error": error}).decode(), content_type="application/json")
 
 
 def _error(status: int, message: str, *, openai: bool) -> web.HTTPException:

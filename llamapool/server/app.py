@@ -14,10 +14,13 @@ from llamapool.build import build_info
 from llamapool.config import ServeConfig
 from llamapool.log import Throttle
 from llamapool.protocol import CLOSE_GOING_AWAY
-from llamapool.server import middleware, ollama, openai, openapi, relay, state_api
+from llamapool.server import mcp_http, middleware, ollama, openai, openapi, relay, state_api
+from llamapool.server.affinity import ResponseAffinity
 from llamapool.server.appkeys import (
     CONFIG,
+    KEYS,
     LOG_THROTTLE,
+    MCP,
     POOL,
     REGISTRY,
     SCHEDULER,
@@ -25,6 +28,9 @@ from llamapool.server.appkeys import (
     STATE,
 )
 from llamapool.server.http_errors import json_response
+from llamapool.server.keys import KeyStore, watch_keys_file
+from llamapool.server.mcp_relays import expire_mcp_sessions
+from llamapool.server.mcp_sessions import McpEndpoints
 from llamapool.server.metrics import ServerMetrics
 from llamapool.server.pool import Pool
 from llamapool.server.registry import Registry
@@ -85,12 +91,17 @@ async def drain(app: web.Application) -> None:
     )
 
 
-def create_metrics_app(state: PoolState, cfg: ServeConfig) -> web.Application:
+def create_metrics_app(
+    state: PoolState, cfg: ServeConfig, *, keys: KeyStore | None = None
+) -> web.Application:
     """``/metrics`` alone, for ``--metrics-port`` (behind the API key with
-    ``metrics_require_key``, as on the main port)."""
-    app = web.Application(middlewares=[middleware.client_auth])
+    ``metrics_require_key``, as on the main port; ``keys``: the main app's)."""
+    app = web.Application(
+        middlewares=[middleware.request_ids, middleware.access_log, middleware.client_auth]
+    )
     app[CONFIG] = cfg
     app[STATE] = state
+    app[KEYS] = keys if keys is not None else KeyStore(cfg.api_keys, cfg.keys_file)
     app.add_routes([web.get("/metrics", state_api.metrics)])
     return app
 
@@ -101,6 +112,7 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         client_max_size=cfg.max_body_size,
         middlewares=[
             middleware.request_ids,
+            middleware.access_log,
             middleware.json_errors,
             middleware.client_auth,
         ],
@@ -116,17 +128,25 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         max_gone_workers=cfg.max_workers,
         max_gone_models=cfg.max_models_per_worker,
     )
-    app[SCHEDULER] = Scheduler(
+    app[SCHEDULER] = scheduler = Scheduler(
         pool,
         queue_size=cfg.queue_size,
         queue_timeout=cfg.queue_timeout,
+        max_queued=cfg.max_queued,
         on_change=state.queue_changed,
     )
-    state.queued_for = app[SCHEDULER].queued_for
+    state.queued_for = scheduler.queued_for
+    app[KEYS] = keys = KeyStore(
+        cfg.api_keys, cfg.keys_file, metrics=state.metrics, on_change=state.changed
+    )
+    state.keys_view = lambda: keys.snapshot(scheduler.queued_by_key())
     app[REGISTRY] = Registry(pool, state, app[SCHEDULER])
     app[SOCKETS] = set()
     app[LOG_THROTTLE] = Throttle()
     app[relay.MODELS_IN_FLIGHT] = Counter()
+    app[MCP] = McpEndpoints(on_change=state.changed, on_call=state.metrics.mcp_call)
+    state.mcp_view = app[MCP].snapshot
+    app[relay.AFFINITY] = ResponseAffinity()
     #: Model routes the pool answers itself when no worker serves the path for the model.
     fallbacks = {"/api/show": ollama.show_from_pool}
     app.add_routes(
@@ -149,18 +169,27 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
             # OpenAI, answered by the pool
             web.get("/v1/models", openai.list_models),
             web.get("/v1/models/{id:.+}", openai.get_model),
+            # OpenAI Responses API's stored responses, relayed to the worker holding them
+            web.get("/v1/responses/{id}", openai.stored_response),
+            web.delete("/v1/responses/{id}", openai.stored_response),
+            web.get("/v1/responses/{id}/input_items", openai.stored_response),
+            web.post("/v1/responses/{id}/cancel", openai.stored_response),
             # Ollama, answered by the pool
             web.get("/api/tags", ollama.tags),
             web.get("/api/ps", ollama.ps),
             web.get("/api/version", ollama.version),
             *(web.route(method, path, ollama.not_managed) for method, path in ollama.MANAGEMENT),
+            *mcp_http.routes(),  # private MCP servers, through `llamapool mcp` relays
         ]
     )
     if cfg.metrics_port is None:
         app.add_routes([web.get("/metrics", state_api.metrics)])
     app.on_response_prepare.append(middleware.echo_request_id)
+    app.on_response_prepare.append(middleware.rate_limit_headers)
+    app.cleanup_ctx.append(watch_keys_file(KEYS, cfg.keys_poll_interval))
     app.cleanup_ctx.append(evict_silent_workers)
     app.cleanup_ctx.append(state_api.broadcast_state)
+    app.cleanup_ctx.append(expire_mcp_sessions)
     app.on_shutdown.append(state_api.release_watchers)
     app.on_shutdown.append(drain)
     return app

@@ -6,6 +6,8 @@ from aiohttp import web
 
 from llamapool.config import ServeConfig
 from llamapool.log import Throttle
+from llamapool.server.keys import KeyStore
+from llamapool.server.mcp_sessions import McpEndpoints
 from llamapool.server.pool import Pool
 from llamapool.server.registry import Registry
 from llamapool.server.scheduler import Scheduler
@@ -17,6 +19,10 @@ SOCKETS: web.AppKey[set[web.WebSocketResponse[bool]]] = web.AppKey("sockets")
 STATE = web.AppKey("state", PoolState)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 REGISTRY = web.AppKey("registry", Registry)
+#: The client keys in force (``API_KEY`` and ``KEYS_FILE``) and each key's usage.
+KEYS = web.AppKey("keys", KeyStore)
 #: One log line per kind of refusal and interval for what anyone can cause at will (a flood
 #: of worker connections with a wrong key).
 LOG_THROTTLE = web.AppKey("log_throttle", Throttle)
+#: MCP endpoints, their relays and sessions (see :mod:`llamapool.server.mcp_sessions`).
+MCP = web.AppKey("mcp", McpEndpoints)

@@ -2,7 +2,8 @@
 
 The first four keep the Go version's exact names and labels so existing dashboards and alerts
 work unchanged. Labels stay bounded: models and worker ids come from registered workers (never
-from what a client asks for), and there are no request ids or free text. The series of a model
+from what a client asks for), client key names from ``KEYS_FILE`` (plus ``anonymous``; see
+:meth:`ServerMetrics.forget_key`), and there are no request ids or free text. The series of a model
 or worker that is gone are removed (:meth:`ServerMetrics.forget_model`,
 :meth:`ServerMetrics.forget_worker_model`), when :class:`~llamapool.server.state.PoolState`
 forgets it.
@@ -23,12 +24,22 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from llamapool.build import BuildInfo
 
-__all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "TOKEN_KINDS", "ServerMetrics", "generate_latest"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "KEY_LIMITS",
+    "OUTCOMES",
+    "TOKEN_KINDS",
+    "ServerMetrics",
+    "generate_latest",
+]
 
 #: Label values of ``outcome`` in llamapool_model_requests_total: success, error, cancelled.
 OUTCOMES = ("success", "error", "cancelled")
 #: Label values of ``kind`` in llamapool_model_tokens_total.
 TOKEN_KINDS = ("in", "out")
+
+#: Label values of ``limit`` in llamapool_key_limited_total.
+KEY_LIMITS = ("rpm", "tpm", "concurrency", "daily_tokens")
 
 #: Latency buckets from 5 ms to 10 min: LLM requests range from embeddings to long generations.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -109,11 +120,57 @@ class ServerMetrics:
             buckets=_BUCKETS,
             registry=r,
         )
+        # --- per client key (names from KEYS_FILE, and "anonymous": a bounded set) ---------
+        self.key_requests = Counter(
+            "llamapool_key_requests",
+            "Model requests admitted, per client key name.",
+            ["key"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "llamapool_key_tokens",
+            "Tokens charged per client key name (reported usage, or estimated); kind is in or out.",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.key_active = Gauge(
+            "llamapool_key_requests_active",
+            "Model requests of each client key waiting in a queue or on a worker.",
+            ["key"],
+            registry=r,
+        )
+        self.key_limited = Counter(
+            "llamapool_key_limited",
+            "Model requests refused by a key's limits (rpm, tpm, concurrency, daily_tokens).",
+            ["key", "limit"],
+            registry=r,
+        )
         self.worker_messages_ignored = Counter(
             "llamapool_worker_messages_ignored",
             "Worker messages that were malformed or named an unknown request.",
             registry=r,
         )
+
+        # --- MCP endpoints (labels: endpoint ids of connected relays, known methods) -------
+        self.mcp_calls = Counter(
+            "llamapool_mcp_calls",
+            "MCP calls per endpoint, method and outcome (ok, error, timeout, cancelled, "
+            "relay_gone).",
+            ["endpoint", "method", "outcome"],
+            registry=r,
+        )
+        self.mcp_call_duration = Histogram(
+            "llamapool_mcp_call_duration_seconds",
+            "Time from a client's MCP request to its response, per endpoint and method.",
+            ["endpoint", "method"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+
+    def mcp_call(self, endpoint: str, method: str, outcome: str, seconds: float) -> None:
+        """One MCP call ended."""
+        self.mcp_calls.labels(endpoint, method, outcome).inc()
+        self.mcp_call_duration.labels(endpoint, method).observe(seconds)
 
     def forget_model(self, model: str) -> None:
         """Remove every per-model series of a model that is gone."""
@@ -127,6 +184,15 @@ class ServerMetrics:
     def forget_worker_model(self, worker_id: str, model: str) -> None:
         """Remove the series of one worker for one model (the worker or the model is gone)."""
         _remove(self.request_duration, worker_id, model)
+
+    def forget_key(self, name: str) -> None:
+        """Remove every series of a client key name no longer configured."""
+        _remove(self.key_requests, name)
+        _remove(self.key_active, name)
+        for kind in TOKEN_KINDS:
+            _remove(self.key_tokens, name, kind)
+        for limit in KEY_LIMITS:
+            _remove(self.key_limited, name, limit)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,17 +1,22 @@
-"""Cross-cutting request handling: request ids, client authentication, JSON errors."""
+"""Cross-cutting request handling: request ids, the access log, JSON errors, client keys
+and their limits."""
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 import structlog
 from aiohttp import web
 
-from llamapool.server.appkeys import CONFIG, STATE
-from llamapool.server.http_errors import error_response, flavor_for
+from llamapool.server.appkeys import CONFIG, KEYS, STATE
+from llamapool.server.http_errors import Flavor, error_response, flavor_for
+from llamapool.server.keyfile import OPEN, Caller, ClientKey
+from llamapool.server.keys import CALLER, USAGE, caller_of
+from llamapool.server.limits import estimate_tokens, retry_after
 from llamapool.server.relay import REQUEST_ID, Handler
-from llamapool.server.workers import key_matches
+from llamapool.server.routes import BY_PATH
 
 log = structlog.get_logger("llamapool.server")
 
@@ -20,7 +25,9 @@ _VALID_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 #: when keys are set.
 PROTECTED = ("/v1/", "/api/")
 #: ... except these, open on Ollama itself, which clients probe before sending a key.
-OPEN = frozenset({"/api/version"})
+OPEN_PATHS = frozenset({"/api/version"})
+#: A request may ask for a lower priority than its key's within the key's share.
+PRIORITY = "X-Priority"
 
 
 @web.middleware
@@ -70,30 +77,146 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 @web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One ``http_request`` line per request: method, path (never the query, which may hold a
+    key), status, duration, bytes sent, client address and key name (never the key)."""
+    if not request.app[CONFIG].access_log:
+        return await handler(request)  # type: ignore[no-any-return]
+    started = time.monotonic()
+    status, size = 499, 0  # unless an answer is returned: the client left (nginx's 499)
+    try:
+        response: web.StreamResponse = await handler(request)
+        status, size = response.status, _size(response)
+        return response
+    except web.HTTPException as exc:  # a redirect, raised past json_errors
+        status, size = exc.status, len(exc.text or "")
+        raise
+    finally:
+        caller = caller_of(request)
+        log.info(
+            "http_request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            bytes=size,
+            remote=request.remote,
+            client=caller.name if caller is not None else None,
+        )
+
+
+def _size(response: web.StreamResponse) -> int:
+    """Body bytes sent, or about to be sent for an answer not yet prepared."""
+    if response.prepared:
+        return _body_sent(response)
+    if isinstance(response, web.Response) and isinstance(response.body, (bytes, bytearray)):
+        return len(response.body)
+    return response.content_length or 0
+
+
+@web.middleware
 async def client_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Check the API key on the API routes; ``/healthz`` and the worker socket stay open."""
-    cfg = request.app[CONFIG]
-    keys = cfg.api_keys
+    """Check the API key on the API routes (``/healthz`` and the worker socket stay open),
+    name the caller in the request and the logs, and hold model requests to its limits."""
+    app = request.app
+    cfg, keys = app[CONFIG], app[KEYS]
     path = request.path
     protected = (
-        (path.startswith(PROTECTED) and path not in OPEN)
+        (path.startswith(PROTECTED) and path not in OPEN_PATHS)
         or path == "/rerank"  # the one model route outside /v1 (vLLM's spelling)
         or (cfg.metrics_require_key and path == "/metrics")
     )
-    if keys and protected:
+    if not protected:
+        return await handler(request)  # type: ignore[no-any-return]
+    key = OPEN
+    if keys.required:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
             token = request.headers.get("x-api-key", "")
-        if not key_matches(token.strip(), keys):
-            request.app[STATE].rejected("unauthorized")
+        found = keys.authenticate(token.strip())
+        if found is None or found.disabled or found.expired():
+            app[STATE].rejected("unauthorized")
+            if found is not None:  # the access log names it
+                request[CALLER] = Caller(found, found.priority)
             return error_response(
-                flavor_for(request.path),
+                flavor_for(path),
                 401,
-                "missing or invalid API key (send Authorization: Bearer <API_KEY>)",
+                _refused(found),
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-    return await handler(request)  # type: ignore[no-any-return]
+        key = found
+    request[CALLER] = Caller(key, _priority(request, key))
+    with structlog.contextvars.bound_contextvars(client=key.name):
+        route = BY_PATH.get(path) if request.method == "POST" else None
+        if route is None:
+            return await handler(request)  # type: ignore[no-any-return]
+        return await _limited(request, handler, route.flavor)
+
+
+def _refused(key: ClientKey | None) -> str:
+    if key is None:
+        return "missing or invalid API key (send Authorization: Bearer <API_KEY>)"
+    return f"API key {key.name!r} is {'disabled' if key.disabled else 'expired'}"
+
+
+def _priority(request: web.Request, key: ClientKey) -> int:
+    """The key's priority, or the lower one its request asks for with ``X-Priority``."""
+    asked = request.headers.get(PRIORITY, "").strip()
+    try:
+        return min(int(asked), key.priority) if asked else key.priority
+    except ValueError:
+        return key.priority
+
+
+async def _limited(request: web.Request, handler: Handler, flavor: Flavor) -> web.StreamResponse:
+    """A model request, counted against its key's limits and charged its tokens at the end."""
+    keys, caller = request.app[KEYS], request[CALLER]
+    usage, refusal = keys.admit(caller.key)
+    if refusal is not None:
+        request.app[STATE].rejected("key_limit")
+        log.info("request_limited", limit=refusal.limit, path=request.path)
+        return error_response(
+            flavor,
+            429,
+            refusal.message,
+            code=refusal.code,
+            headers={"Retry-After": retry_after(refusal.retry_after)},
+        )
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        return response
+    finally:
+        keys.finished(usage, *_tokens(request, response))
+
+
+def _tokens(request: web.Request, response: web.StreamResponse | None) -> tuple[int, int]:
+    """Tokens to charge: those the response reported, or an estimate from the bytes when it
+    reported none; nothing when no worker took the request."""
+    if USAGE not in request:
+        return 0, 0
+    usage = request[USAGE]
+    if usage is not None:
+        return usage.tokens_in, usage.tokens_out
+    sent = _body_sent(response) if response is not None and response.prepared else 0
+    return estimate_tokens(request.content_length or 0), estimate_tokens(sent)
+
+
+def _body_sent(response: web.StreamResponse) -> int:
+    """Bytes of a prepared response's body: what went out less the status line and headers
+    (a chunked body's framing, a few bytes a chunk, stays in)."""
+    head = len(f"HTTP/1.1 {response.status} {response.reason}\r\n\r\n")
+    head += sum(len(k) + len(v) + 4 for k, v in response.headers.items())
+    return max(0, response.body_length - head)
+
+
+async def rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: OpenAI's ``x-ratelimit-*`` headers on every answer to a key
+    with request or token limits (the pool's count wins over a backend's own)."""
+    caller = caller_of(request)
+    if caller is not None and (caller.key.rpm or caller.key.tpm):
+        response.headers.update(request.app[KEYS].usage_of(caller.key).headers())
 
 
 def _explain(request: web.Request, exc: web.HTTPException) -> str:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from llamapool.server.appkeys import POOL
 from llamapool.server.http_errors import Flavor, error_response, json_response
+from llamapool.server.keys import visible
 from llamapool.server.pool import ModelInfo, WorkerHandle, fallback_names
 from llamapool.server.relay import MODELS_IN_FLIGHT
 
@@ -49,6 +50,8 @@ async def tags(request: web.Request) -> web.Response:
     """``GET /api/tags``: the models of every connected worker, in Ollama's shape, once each."""
     models = []
     for info in request.app[POOL].models():
+        if not visible(request, info.id):
+            continue
         models.append(
             {
                 "name": info.id,

@@ -273,6 +273,24 @@ class Pool:
                 raise WorkersBusyError(f"no worker serving {name!r} can take requests right now")
         raise NoWorkerError(f"no worker serves model {model!r} at {path}")
 
+    def acquire_worker(self, worker: WorkerHandle, path: str) -> WorkerHandle:
+        """Take a slot on one given worker, for a request only it can serve (it holds a stored
+        response); :meth:`release` gives it back.
+
+        Raises :class:`NoWorkerError` when the worker left or does not serve ``path`` and
+        :class:`WorkersBusyError` when it is full or takes no requests now (never queued).
+        """
+        if self._workers.get(worker.id) is not worker or not (
+            worker.paths is None or path in worker.paths
+        ):
+            raise NoWorkerError(f"worker {worker.name!r} does not serve {path} any more")
+        if not (worker.routable and worker.has_capacity):
+            raise WorkersBusyError(f"worker {worker.name!r} can not take requests right now")
+        self._picks += 1
+        worker._picked = self._picks
+        self._move(worker, +1)
+        return worker
+
     def release(self, worker: WorkerHandle) -> None:
         """Give back a slot taken with :meth:`acquire`."""
         if worker.inflight > 0:

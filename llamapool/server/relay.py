@@ -6,6 +6,10 @@ If that worker fails before sending anything back (it disconnected, or could not
 backend), the request is tried again on another worker, a bounded number of times: the
 client never sees the failure. Once bytes have reached the client, a failure ends the
 response instead (see :mod:`llamapool.server.stream`).
+
+A Responses API request that follows up a stored response (``previous_response_id``) is pinned
+to the worker that produced it (see :mod:`llamapool.server.affinity`): it is never queued for,
+nor retried on, another worker.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import orjson
 import structlog
 from aiohttp import web
@@ -23,9 +28,11 @@ from aiohttp import web
 from llamapool.errors import RoutingError
 from llamapool.headers import CLIENT_ONLY, forwardable
 from llamapool.protocol import ProxyRequest, ResponseHeaders, with_model
+from llamapool.server.affinity import RESPONSES_PATH, Holder, ResponseAffinity, ResponseIdScanner
 from llamapool.server.appkeys import CONFIG, POOL, SCHEDULER, STATE
 from llamapool.server.exchange import Ended
 from llamapool.server.http_errors import Flavor, error_response
+from llamapool.server.keys import caller_of, record_usage
 from llamapool.server.multipart import FormError, form_fields
 from llamapool.server.pool import Pool, WorkerHandle, fallback_names
 from llamapool.server.routes import Body, ModelRoute
@@ -49,8 +56,8 @@ Fallback = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
 
 def parse_body(
     body: bytes, *, stream_default: bool, model_fields: tuple[str, ...] = ("model",)
-) -> tuple[str, bool]:
-    """The ``model`` and ``stream`` of a JSON request body."""
+) -> tuple[str, bool, dict[str, Any]]:
+    """The ``model`` and ``stream`` of a JSON request body, and the body decoded."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -63,7 +70,7 @@ def parse_body(
     stream = data.get("stream", stream_default)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean")
-    return model, stream
+    return model, stream, data
 
 
 def parse_form(body: bytes, content_type: str, *, stream_default: bool) -> tuple[str, bool]:
@@ -83,6 +90,34 @@ def parse_form(body: bytes, content_type: str, *, stream_default: bool) -> tuple
 
 _FORM_FIELDS = frozenset({"model", "stream"})
 
+#: Answers that report a count, not tokens consumed: no usage is accounted for them.
+_NO_USAGE = frozenset({"/v1/messages/count_tokens"})
+
+#: Which worker holds each stored Responses API response (see ``affinity``).
+AFFINITY = web.AppKey("response_affinity", ResponseAffinity)
+
+
+@attrs.frozen
+class Pin:
+    """A request only one worker can serve: the one holding ``response_id``."""
+
+    worker: WorkerHandle
+    response_id: str
+    #: The model the response was made with.
+    model: str
+    #: The API path the worker must serve.
+    path: str = RESPONSES_PATH
+
+
+def previous_response_id(data: dict[str, Any]) -> str:
+    """The ``previous_response_id`` of a Responses API request body ("" when none)."""
+    previous = data.get("previous_response_id")
+    if previous is None:
+        return ""
+    if not isinstance(previous, str) or not previous:
+        raise BadRequest("'previous_response_id' must be a non-empty string")
+    return previous
+
 
 def model_handler(route: ModelRoute, *, otherwise: Fallback | None = None) -> Handler:
     """The handler of one row of the route table: find the model, then relay the request.
@@ -93,6 +128,7 @@ def model_handler(route: ModelRoute, *, otherwise: Fallback | None = None) -> Ha
 
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await request.read()  # the size limit is client_max_size
+        previous = ""
         try:
             if route.body is Body.MULTIPART:
                 model, stream = parse_form(
@@ -101,13 +137,21 @@ def model_handler(route: ModelRoute, *, otherwise: Fallback | None = None) -> Ha
                     stream_default=route.stream_default,
                 )
             else:
-                model, stream = parse_body(
+                model, stream, data = parse_body(
                     body, stream_default=route.stream_default, model_fields=route.model_fields
                 )
+                if route.path == RESPONSES_PATH:
+                    previous = previous_response_id(data)
         except BadRequest as exc:
             return error_response(route.flavor, 400, str(exc), code="invalid_request")
         if otherwise is not None and not _served_at(request.app[POOL], model, request.path):
             return await otherwise(request, model)
+        pin: Pin | None = None
+        if previous:
+            found = pin_for(request.app, previous, model=model)
+            if isinstance(found, web.Response):
+                return found
+            pin = found
         return await relay(
             request,
             flavor=route.flavor,
@@ -115,9 +159,46 @@ def model_handler(route: ModelRoute, *, otherwise: Fallback | None = None) -> Ha
             model=model,
             stream=stream,
             rewritable=route.body is Body.JSON,
+            pin=pin,
+            usage=route.path not in _NO_USAGE,
+            remember=route.path == RESPONSES_PATH,
         )
 
     return handler
+
+
+def pin_for(
+    app: web.Application, response_id: str, *, model: str | None = None
+) -> Pin | web.Response | None:
+    """The worker holding a stored response, an OpenAI-shaped 404 when it left the pool (or
+    does not serve ``model``), or ``None`` when the pool never saw (or forgot) the id."""
+    affinity = app.get(AFFINITY)
+    holder = affinity.holder(response_id) if affinity is not None else None
+    if holder is None:
+        return None
+    worker = app[POOL].get(holder.worker_id)
+    if worker is None:
+        why = f"the worker that stored it ({holder.worker_id}) has left the pool"
+    elif model is not None and not any(n in worker.models for n in fallback_names(model)):
+        why = f"the worker that stored it does not serve model {model!r}"
+    else:
+        return Pin(worker, response_id, holder.model)
+    log.info("response_pin_failed", response_id=response_id, worker_id=holder.worker_id)
+    return not_found(response_id, why, previous=model is not None)
+
+
+def not_found(response_id: str, why: str, *, previous: bool) -> web.Response:
+    """OpenAI's 404 for a response id; ``previous``: named in ``previous_response_id``."""
+    if previous:
+        message = f"Previous response with id {response_id!r} not found: {why}."
+        param, code = "previous_response_id", "previous_response_not_found"
+    else:
+        message = f"Response with id {response_id!r} not found: {why}."
+        param, code = None, "response_not_found"
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return web.Response(
+        status=404, body=orjson.dumps({"error": error}), content_type="application/json"
+    )
 
 
 def _served_at(pool: Pool, model: str, path: str) -> bool:
@@ -145,11 +226,19 @@ async def relay(
     model: str,
     stream: bool,
     rewritable: bool = True,
+    pin: Pin | None = None,
+    usage: bool = True,
+    remember: bool = False,
+    path: str = "",
 ) -> web.StreamResponse:
     """Serve one model request through the pool.
 
     ``rewritable`` says the body is JSON whose ``model`` may be replaced when the request is
     routed through an alias; a multipart body is relayed exactly as the client sent it.
+    With ``pin``, only that worker may serve the request: it is not queued for when busy (503)
+    nor retried elsewhere. ``usage=False`` accounts no tokens; ``remember`` records which worker
+    produced a Responses API answer. ``path`` is the path the worker gets (default: the
+    request's path).
     """
     app = request.app
     cfg, scheduler, state = app[CONFIG], app[SCHEDULER], app[STATE]
@@ -157,15 +246,23 @@ async def relay(
     deadlines = Deadlines(end=now + cfg.request_timeout, idle=cfg.idle_timeout)
     reason = ""
     tried: list[WorkerHandle] = []
-    for attempt in range(1, cfg.max_attempts + 1):
+    for attempt in range(1, (1 if pin else cfg.max_attempts) + 1):
         try:
-            worker = await scheduler.acquire(model, request.path, exclude=tried)
+            if pin is not None:
+                worker = app[POOL].acquire_worker(pin.worker, pin.path)
+            else:
+                worker = await scheduler.acquire(
+                    model, request.path, exclude=tried, key=caller_of(request)
+                )
         except RoutingError as exc:
             if attempt > 1:  # the workers that had it are gone: say what happened to them
                 break
             state.rejected(exc.reason)
             log.info("request_rejected", model=model, path=request.path, reason=exc.reason)
-            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            if pin is not None and exc.status == 404:
+                return not_found(pin.response_id, str(exc), previous=request.path == RESPONSES_PATH)
+            busy = exc.status == 429 or (pin is not None and exc.status == 503)
+            headers = {"Retry-After": "1"} if busy else None
             return error_response(flavor, exc.status, str(exc), code=exc.code, headers=headers)
         try:
             return await _attempt(
@@ -178,6 +275,9 @@ async def relay(
                 deadlines=deadlines,
                 attempt=attempt,
                 rewritable=rewritable,
+                usage=usage,
+                remember=remember,
+                path=path or request.path,
             )
         except _Retry as exc:
             reason = str(exc)
@@ -198,6 +298,9 @@ async def _attempt(
     deadlines: Deadlines,
     attempt: int,
     rewritable: bool,
+    usage: bool,
+    remember: bool,
+    path: str,
 ) -> web.StreamResponse:
     """One try on one worker, accounted for in the state, the metrics and one log line."""
     scheduler, state = request.app[SCHEDULER], request.app[STATE]
@@ -214,6 +317,7 @@ async def _attempt(
     if in_flight is not None:
         in_flight[served] += 1
     trace = Trace()
+    ids = ResponseIdScanner() if remember else None
     try:
         return await _exchange(
             request,
@@ -224,12 +328,17 @@ async def _attempt(
             flavor=flavor,
             deadlines=deadlines,
             trace=trace,
+            usage=usage,
+            ids=ids,
+            path=path,
         )
     except asyncio.CancelledError:
         trace.outcome = CANCELLED
         raise
     finally:
         scheduler.release(worker)
+        if usage:  # the key's tokens: reported, or estimated from the bytes (keys.py)
+            record_usage(request, trace.usage)
         if in_flight is not None:
             in_flight[served] -= 1
             if in_flight[served] <= 0:
@@ -245,6 +354,9 @@ async def _attempt(
             usage=trace.usage,
             error=trace.error,
         )
+        affinity = request.app.get(AFFINITY)
+        if ids is not None and ids.response_id and affinity is not None and trace.status < 400:
+            affinity.remember(ids.response_id, Holder(worker.id, served))
         log.info(
             "request_done",
             model=served,
@@ -272,6 +384,9 @@ async def _exchange(
     flavor: Flavor,
     deadlines: Deadlines,
     trace: Trace,
+    usage: bool,
+    ids: ResponseIdScanner | None,
+    path: str,
 ) -> web.StreamResponse:
     """Send the request, wait for the response headers, then stream the response back."""
     link = worker.link
@@ -284,7 +399,7 @@ async def _exchange(
     outgoing = ProxyRequest(
         request_id=wire_id,
         method=request.method,
-        path=request.path,
+        path=path,
         headers=headers,
         stream=stream,
         model=model,
@@ -322,6 +437,8 @@ async def _exchange(
             window=link.window,
             deadlines=deadlines,
             trace=trace,
+            usage=usage,
+            response_id=ids,
         )
     finally:
         if not exchange.worker_ended:

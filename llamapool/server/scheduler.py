@@ -1,22 +1,38 @@
-"""Who takes the next request, and who waits: the pool plus a bounded FIFO per model.
+"""Who takes the next request, and who waits: the pool plus a fair queue per model.
 
 When every worker serving a model is at its max concurrency, a request waits in that model's
-queue instead of failing. Whenever a slot frees or a worker joins, the heads of the queues are
-offered the new capacity, oldest first. A full queue fails fast (429); a wait past the timeout
-fails with 503; a client that leaves is dropped from the queue. With no queued request the
-scheduler costs nothing beyond the pool itself.
+queue instead of failing. Whenever a slot frees or a worker joins, the queues are offered the
+new capacity. Within a model's queue each client key has its own lane, and lanes are served by
+start-time fair queueing: a lane's next turn is tagged with a virtual time that advances by
+``1 / weight`` each time it is served, and the lowest tag goes first. So a key with 500 waiting
+requests and a key with one take turns (in proportion to their weights), and within its lane a
+key's requests go by priority, then in order of arrival. Picking the next request costs
+O(log keys).
+
+A full lane (``queue_size`` per key and model), or ``max_queued`` requests waiting in all,
+fails fast (429); a wait past the timeout fails with 503; a client that leaves is dropped from
+the queue. With no queued request the scheduler costs nothing beyond the pool itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Collection
 
 import attrs
 
-from llamapool.errors import QueueFullError, QueueTimeoutError, RoutingError, WorkersBusyError
+from llamapool.errors import (
+    NoWorkerError,
+    QueueFullError,
+    QueueTimeoutError,
+    RoutingError,
+    WorkersBusyError,
+)
+from llamapool.server.keyfile import ANONYMOUS, Caller
 from llamapool.server.pool import Pool, WorkerHandle, fallback_names
 
 
@@ -27,10 +43,48 @@ class _Waiter:
     exclude: Collection[WorkerHandle]
     future: asyncio.Future[WorkerHandle]
     since: float
+    lane: _Lane
+    #: Cleared when it leaves the queue; a lane drops left waiters lazily.
+    queued: bool = True
+
+
+@attrs.define(eq=False)
+class _Lane:
+    """One key's waiting requests for one model, best first: (-priority, arrival, waiter)."""
+
+    name: str
+    weight: float
+    waiting: list[tuple[int, int, _Waiter]] = attrs.Factory(list)
+    live: int = 0
+    #: Virtual time at which its next turn starts (its last turn's finish).
+    finish: float = 0.0
+    scheduled: bool = False
+
+    def head(self) -> _Waiter | None:
+        waiting = self.waiting
+        while waiting and not waiting[0][2].queued:
+            heapq.heappop(waiting)
+        return waiting[0][2] if waiting else None
+
+    def compact(self) -> None:
+        """Drop waiters that left, once they outnumber those still waiting."""
+        if len(self.waiting) > 2 * self.live + 8:
+            self.waiting = [entry for entry in self.waiting if entry[2].queued]
+            heapq.heapify(self.waiting)
+
+
+@attrs.define(eq=False)
+class _ModelQueue:
+    lanes: dict[str, _Lane] = attrs.Factory(dict)
+    #: Lanes with waiters: (start tag, order, lane).
+    turns: list[tuple[float, int, _Lane]] = attrs.Factory(list)
+    #: The start tag of the last turn served.
+    vtime: float = 0.0
+    length: int = 0
 
 
 class Scheduler:
-    """Hands out worker slots, queueing requests while every eligible worker is busy."""
+    """Hands out worker slots, queueing requests fairly while every eligible worker is busy."""
 
     def __init__(
         self,
@@ -38,14 +92,19 @@ class Scheduler:
         *,
         queue_size: int,
         queue_timeout: float,
+        max_queued: int = 0,
         on_change: Callable[[int, float | None], None] = lambda length, waited: None,
     ) -> None:
         self.pool = pool
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
+        #: Requests that may wait at once over every model and key (0: no overall bound).
+        self.max_queued = max_queued
         self._on_change = on_change
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, _ModelQueue] = {}
+        self._by_key: Counter[str] = Counter()
         self._length = 0
+        self._order = itertools.count()
 
     def __len__(self) -> int:
         return self._length
@@ -53,25 +112,45 @@ class Scheduler:
     def queued_for(self, worker: WorkerHandle) -> int:
         """Queued requests this worker could take (per-worker ``queue_len`` in the state API)."""
         return sum(
-            len(queue)
+            queue.length
             for model, queue in self._queues.items()
             if any(name in worker.models for name in fallback_names(model))
         )
 
+    def queued_by_key(self) -> dict[str, int]:
+        """Queued requests per key name, over every model."""
+        return dict(self._by_key)
+
     async def acquire(
-        self, model: str, path: str, *, exclude: Collection[WorkerHandle] = ()
+        self,
+        model: str,
+        path: str,
+        *,
+        exclude: Collection[WorkerHandle] = (),
+        key: Caller | None = None,
     ) -> WorkerHandle:
-        """A slot on the least-busy eligible worker, waiting in line if all are busy."""
+        """A slot on the least-busy eligible worker, waiting in line if all are busy.
+
+        ``key`` is who asks: a model its key may not use is answered as one no worker serves,
+        and while the request waits it takes turns with other keys' requests.
+        """
+        if key is not None and not key.key.allows(model):
+            raise NoWorkerError(f"no worker serves model {model!r} at {path}")
         try:
             return self.pool.acquire(model, path, exclude=exclude)
         except WorkersBusyError:
             if self.queue_size <= 0:
                 raise
-        if len(self._queues.get(model, ())) >= self.queue_size:
+        name, weight = (key.name, key.weight) if key is not None else (ANONYMOUS, 1.0)
+        queue = self._queues.get(model)
+        lane = queue.lanes.get(name) if queue is not None else None
+        if lane is not None and lane.live >= self.queue_size:
             raise QueueFullError(f"every worker serving {model!r} is busy and the queue is full")
+        if self.max_queued and self._length >= self.max_queued:
+            raise QueueFullError("every worker is busy and the queue is full")
         future = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(model, path, exclude, future, time.monotonic())
-        self._join(waiter)
+        priority = key.priority if key is not None else 0
+        waiter = self._join(model, path, exclude, future, name, weight, priority)
         try:
             worker = await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
         except BaseException as exc:
@@ -89,15 +168,16 @@ class Scheduler:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Offer free capacity to the oldest waiters (after a release, a join or a leave).
+        """Offer free capacity to the waiters whose turn it is (after a release, a join or a
+        leave).
 
         Waiters whose model no worker serves any more fail at once instead of timing out.
         """
         if not self._length:
             return
         for model, queue in list(self._queues.items()):
-            while queue:
-                waiter = queue[0]
+            while queue.length:
+                turn, waiter = self._next(queue)
                 try:
                     worker = self.pool.acquire(model, waiter.path, exclude=waiter.exclude)
                 except WorkersBusyError:
@@ -106,31 +186,84 @@ class Scheduler:
                     self._leave(waiter, waited=None)
                     waiter.future.set_exception(exc)
                     continue
+                self._served(queue, turn, waiter.lane)
                 self._leave(waiter, waited=time.monotonic() - waiter.since)
                 waiter.future.set_result(worker)
 
     # The queues change only in _join and _leave, which report every new length.
 
-    def _join(self, waiter: _Waiter) -> None:
-        self._queues.setdefault(waiter.model, deque()).append(waiter)
+    def _join(
+        self,
+        model: str,
+        path: str,
+        exclude: Collection[WorkerHandle],
+        future: asyncio.Future[WorkerHandle],
+        name: str,
+        weight: float,
+        priority: int,
+    ) -> _Waiter:
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = self._queues[model] = _ModelQueue()
+        lane = queue.lanes.get(name)
+        if lane is None:
+            lane = queue.lanes[name] = _Lane(name, weight)
+        lane.weight = weight  # the key file may have been reloaded
+        waiter = _Waiter(model, path, exclude, future, time.monotonic(), lane)
+        heapq.heappush(lane.waiting, (-priority, next(self._order), waiter))
+        lane.live += 1
+        if not lane.scheduled:
+            lane.scheduled = True
+            start = max(queue.vtime, lane.finish)
+            heapq.heappush(queue.turns, (start, next(self._order), lane))
+        queue.length += 1
+        self._by_key[name] += 1
         self._length += 1
         self._on_change(self._length, None)
+        return waiter
+
+    def _next(self, queue: _ModelQueue) -> tuple[float, _Waiter]:
+        """The waiter whose turn it is, and the turn's start tag (the queue is not empty)."""
+        while True:
+            start, _, lane = queue.turns[0]
+            waiter = lane.head()
+            if waiter is not None:
+                return start, waiter
+            heapq.heappop(queue.turns)  # every waiter of the lane left
+            lane.scheduled = False
+
+    def _served(self, queue: _ModelQueue, start: float, lane: _Lane) -> None:
+        """The lane at the top of the turns was served: its next turn comes later."""
+        heapq.heappop(queue.turns)
+        queue.vtime = start
+        # Rounded so that float drift never breaks a tie the exact arithmetic would make.
+        lane.finish = round(start + 1 / lane.weight, 9)
+        if lane.live > 1:
+            heapq.heappush(queue.turns, (lane.finish, next(self._order), lane))
+        else:
+            lane.scheduled = False
 
     def _leave(self, waiter: _Waiter, *, waited: float | None) -> None:
         """Take a waiter out of its queue; ``waited`` is set when it leaves with a slot."""
+        waiter.queued = False
+        lane = waiter.lane
+        lane.live -= 1
+        lane.compact()
         queue = self._queues[waiter.model]
-        if queue[0] is waiter:
-            queue.popleft()
-        else:
-            queue.remove(waiter)
-        if not queue:
-            del self._queues[waiter.model]
+        queue.length -= 1
+        if not queue.length:
+            del self._queues[waiter.model]  # an idle queue starts its virtual time afresh
+        elif not lane.live and not lane.scheduled:
+            del queue.lanes[lane.name]
+        self._by_key[lane.name] -= 1
+        if not self._by_key[lane.name]:
+            del self._by_key[lane.name]
         self._length -= 1
         self._on_change(self._length, waited)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter stopped waiting (timeout, client gone): leave the queue, return any slot."""
-        if waiter in self._queues.get(waiter.model, ()):
+        if waiter.queued:
             self._leave(waiter, waited=None)
         future = waiter.future
         if not future.done():

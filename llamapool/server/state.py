@@ -103,6 +103,10 @@ class PoolState:
         self._status_counts: dict[str, int] = {}
         #: Queued requests a worker could take (the scheduler sets it: its ``queued_for``).
         self.queued_for: Callable[[WorkerHandle], int] = lambda worker: 0
+        #: Per client key name: usage, requests in flight and queued (the app sets it).
+        self.keys_view: Callable[[], list[dict[str, Any]]] = lambda: []
+        #: MCP endpoints, their relays and sessions (the app sets it: McpEndpoints.snapshot).
+        self.mcp_view: Callable[[], list[dict[str, Any]]] = lambda: []
         #: Set while no request is in flight or queued (what a draining server waits for).
         self.idle = asyncio.Event()
         self.idle.set()
@@ -312,6 +316,8 @@ class PoolState:
             "workers_summary": summary,
             "models": [{"name": m.id, "workers": len(m.workers)} for m in self.pool.models()],
             "workers": workers,
+            "keys": self.keys_view(),
+            "mcp_endpoints": self.mcp_view(),
         }
 
 

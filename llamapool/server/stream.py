@@ -19,6 +19,7 @@ from aiohttp import web
 
 from llamapool.headers import RECOMPUTED, allowed_response_headers, forwardable
 from llamapool.protocol import ResponseHeaders
+from llamapool.server.affinity import ResponseIdScanner
 from llamapool.server.exchange import Broken, Ended, Event, Exchange
 from llamapool.server.http_errors import error_response, flavor_for
 from llamapool.server.pool import Link
@@ -69,14 +70,20 @@ async def stream_back(
     window: int,
     deadlines: Deadlines,
     trace: Trace,
+    usage: bool = True,
+    response_id: ResponseIdScanner | None = None,
 ) -> web.StreamResponse:
-    """Send the worker's status and headers, then each chunk the moment it arrives."""
+    """Send the worker's status and headers, then each chunk the moment it arrives.
+
+    ``usage=False`` skips the usage scan (an answer that reports counts, not consumption, like
+    Anthropic's ``count_tokens``); ``response_id`` reads a Responses API answer's id.
+    """
     trace.status, trace.first_byte = first.status, time.monotonic()
     headers = allowed_response_headers(
         forwardable(check_headers(first.headers).items(), RECOMPUTED)
     )
     response = web.StreamResponse(status=first.status, headers=headers)
-    scanner = UsageScanner()
+    scanner = UsageScanner() if usage else None
     consumed = 0
     written = False
     # A write waits while the client's socket is full: REQUEST_TIMEOUT must bound that too.
@@ -91,7 +98,10 @@ async def stream_back(
                 event = Broken(deadlines.why())
             if not isinstance(event, (bytes, memoryview)):
                 break
-            scanner.feed(event)
+            if scanner is not None:
+                scanner.feed(event)
+            if response_id is not None:
+                response_id.feed(event)
             await response.write(event)  # waits while the client's socket is full
             written = True
             if window:
@@ -99,7 +109,7 @@ async def stream_back(
                 if consumed >= window // 2:
                     await link.grant(exchange.request_id, consumed)
                     consumed = 0
-        trace.usage = scanner.usage()
+        trace.usage = scanner.usage() if scanner is not None else None
         if isinstance(event, Ended) and event.error is None:
             await response.write_eof()
             trace.outcome = SUCCESS if first.status < 400 else ERROR

@@ -34,6 +34,7 @@ from llamapool.protocol import (
 )
 from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, REGISTRY, SOCKETS
 from llamapool.server.link import WorkerLink
+from llamapool.server.mcp_relays import serve_relay
 from llamapool.server.pool import WorkerHandle
 from llamapool.server.registry import Registry
 from llamapool.server.validate import MAX_REGISTER_BYTES, Invalid, check_models, check_register
@@ -70,7 +71,9 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     sockets.add(ws)
     try:
         register = await _admit(ws, cfg, throttle)
-        if register is not None:
+        if register is not None and register.kind == "mcp":  # an MCP relay, not a worker
+            await serve_relay(request.app, ws, register)
+        elif register is not None:
             await _session(request.app, ws, register)
     finally:
         sockets.discard(ws)

@@ -13,10 +13,12 @@ from __future__ import annotations
 from llamapool.testing.fakes import (
     FakeLog,
     RecordedRequest,
+    Replay,
     create_broken_app,
     create_fake_ollama_app,
     create_fake_openwebui_app,
     create_fake_vllm_app,
+    create_replay_app,
     fake_log,
     serve_app,
 )
@@ -24,10 +26,12 @@ from llamapool.testing.fakes import (
 __all__ = [
     "FakeLog",
     "RecordedRequest",
+    "Replay",
     "create_broken_app",
     "create_fake_ollama_app",
     "create_fake_openwebui_app",
     "create_fake_vllm_app",
+    "create_replay_app",
     "fake_log",
     "serve_app",
 ]

@@ -11,7 +11,7 @@ how many TCP connections.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -38,12 +38,15 @@ VLLM_SERVES = OPENAI_PATHS | ANTHROPIC_PATHS | {"/v1/models"}
 __all__ = [
     "FakeLog",
     "RecordedRequest",
+    "Replay",
     "create_broken_app",
     "create_fake_ollama_app",
     "create_fake_openwebui_app",
     "create_fake_vllm_app",
+    "create_replay_app",
     "fake_log",
     "serve_app",
+    "tool_call_chat",
 ]
 
 
@@ -151,14 +154,82 @@ def create_fake_vllm_app(
     Anthropic's ``/v1/messages``, rerank and score included.
 
     Every ``/api/*`` path answers 404, as it does on vLLM. ``api_key`` mirrors ``--api-key``.
+    A chat request that offers tools is answered with a call of the first one, as vLLM with a
+    tool parser does (see :func:`tool_call_chat`).
     """
     app = _app(api_key, {"error": "Unauthorized"})
-    _responder(models, chunk_delay).add_routes(app, VLLM_SERVES)
+    echo = _responder(models, chunk_delay)
+    echo.add_routes(app, VLLM_SERVES - {"/v1/chat/completions"})
+    app.router.add_post("/v1/chat/completions", _with_tool_calls(echo.chat_completions))
     return app
 
 
+def tool_call_chat(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks of a streamed answer that calls the first tool a chat request offers, with
+    arguments ``{"text": <the last user message>}`` split over three deltas; the last chunk
+    carries usage. A non-streamed answer holds the same call whole."""
+    function = body["tools"][0]["function"]["name"]
+    messages = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    content = messages[-1].get("content", "") if messages else ""
+    text = content if isinstance(content, str) else ""
+    arguments = orjson.dumps({"text": text}).decode()
+    pieces = [arguments[:5], arguments[5:9], arguments[9:]]
+    base = {"id": "chatcmpl-tool", "object": "chat.completion.chunk", "created": 0,
+            "model": body.get("model")}  # fmt: skip
+    first = {"index": 0, "id": "call_fake_0", "type": "function",
+             "function": {"name": function, "arguments": pieces[0]}}  # fmt: skip
+    deltas = [first] + [{"index": 0, "function": {"arguments": p}} for p in pieces[1:]]
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [d]},
+                              "finish_reason": None}]}
+        for d in deltas
+    ]  # fmt: skip
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    usage = {"prompt_tokens": len(text.split()), "completion_tokens": 3, "total_tokens": 0}
+    usage["total_tokens"] = usage["prompt_tokens"] + 3
+    chunks.append({**base, "choices": [], "usage": usage})
+    return chunks
+
+
+def _with_tool_calls(chat: Handler) -> Handler:
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        if not (isinstance(body, dict) and body.get("tools")):
+            return await chat(request)
+        chunks = tool_call_chat(body)
+        if body.get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for chunk in chunks:
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        call = {"id": "call_fake_0", "type": "function", "function": {
+            "name": body["tools"][0]["function"]["name"],
+            "arguments": "".join(
+                c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                for c in chunks[:3]
+            ),
+        }}  # fmt: skip
+        answer = {
+            "id": "chatcmpl-tool", "object": "chat.completion", "created": 0,
+            "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [call]}}],
+            "usage": chunks[-1]["usage"],
+        }  # fmt: skip
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    return chat_completions
+
+
 def create_fake_openwebui_app(
-    *, models: Sequence[str] = ("llama3:8b",), chunk_delay: float = 0.0, api_key: str = "sk-webui"
+    *,
+    models: Sequence[str] = ("llama3:8b",),
+    chunk_delay: float = 0.0,
+    api_key: str = "sk-webui",
+    openai_models: Sequence[str] = (),
 ) -> web.Application:
     """Open WebUI with its Ollama connection: the routes a worker can use, key on every one.
 
@@ -167,13 +238,19 @@ def create_fake_openwebui_app(
     (each also under ``/api/v1/``), and the Ollama proxy under ``/ollama`` (native ``/api/*``
     and OpenAI ``/v1/*``). There is no top-level text-completions route. Open WebUI checks the
     bearer key on all of them; an empty ``api_key`` turns the check off.
+
+    ``models`` come from the Ollama connection (``owned_by: ollama``); ``openai_models`` from
+    an OpenAI connection, served by Open WebUI's own routes but not by its Ollama proxy.
     """
-    echo = _responder(models, chunk_delay)
-    ids = list(echo.options.models)
+    ollama = _responder(models, chunk_delay)
+    ids = list(ollama.options.models)
+    echo = _responder([*ids, *openai_models], chunk_delay) if openai_models else ollama
+    owners = {**dict.fromkeys(ids, "ollama"), **dict.fromkeys(openai_models, "openai")}
 
     async def api_models(request: web.Request) -> web.Response:
         data = [
-            {"id": m, "name": m, "object": "model", "created": 0, "owned_by": "ollama"} for m in ids
+            {"id": m, "name": m, "object": "model", "created": 0, "owned_by": owner}
+            for m, owner in owners.items()
         ]
         return web.Response(body=orjson.dumps({"data": data}), content_type="application/json")
 
@@ -186,15 +263,15 @@ def create_fake_openwebui_app(
             web.post(f"{prefix}/embeddings", echo.embeddings),
         ]
     routes += [
-        web.get("/ollama/api/tags", echo.api_tags),
-        web.post("/ollama/api/generate", echo.api_generate),
-        web.post("/ollama/api/chat", echo.api_chat),
-        web.post("/ollama/api/embed", echo.api_embed),
-        web.post("/ollama/api/embeddings", echo.api_embeddings),
-        web.post("/ollama/api/show", echo.api_show),
-        web.get("/ollama/v1/models", echo.v1_models),
-        web.post("/ollama/v1/chat/completions", echo.chat_completions),
-        web.post("/ollama/v1/completions", echo.completions),
+        web.get("/ollama/api/tags", ollama.api_tags),
+        web.post("/ollama/api/generate", ollama.api_generate),
+        web.post("/ollama/api/chat", ollama.api_chat),
+        web.post("/ollama/api/embed", ollama.api_embed),
+        web.post("/ollama/api/embeddings", ollama.api_embeddings),
+        web.post("/ollama/api/show", ollama.api_show),
+        web.get("/ollama/v1/models", ollama.v1_models),
+        web.post("/ollama/v1/chat/completions", ollama.chat_completions),
+        web.post("/ollama/v1/completions", ollama.completions),
     ]
     app.add_routes(routes)
     return app
@@ -214,6 +291,56 @@ def create_broken_app(
 
     app = _app("", {})
     app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+@attrs.frozen
+class Replay:
+    """A recorded answer: its status, content type, and body as the chunks the runtime wrote."""
+
+    chunks: Sequence[bytes]
+    content_type: str = "text/event-stream"
+    status: int = 200
+
+    @property
+    def body(self) -> bytes:
+        """The whole body, as a client must receive it."""
+        return b"".join(self.chunks)
+
+
+def create_replay_app(
+    replies: Mapping[str, Replay], *, models: Sequence[str] = ("replayed-model",)
+) -> web.Application:
+    """An OpenAI-compatible runtime (like vLLM) that answers each ``POST`` path in ``replies``
+    with its recorded bytes, writing each chunk on its own.
+
+    For fidelity tests: whatever shape a real runtime streams (tool-call argument deltas,
+    reasoning fields, Responses API or Anthropic events), a test records it once and checks
+    that the client gets exactly those bytes. ``GET /v1/models`` lists ``models``.
+    """
+
+    async def v1_models(request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "replay"} for m in models]
+        body = orjson.dumps({"object": "list", "data": data})
+        return web.Response(body=body, content_type="application/json")
+
+    def answer(reply: Replay) -> Handler:
+        async def replay(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(
+                status=reply.status, headers={"Content-Type": reply.content_type}
+            )
+            await response.prepare(request)
+            for chunk in reply.chunks:
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+        return replay
+
+    app = _app("", {})
+    app.router.add_get("/v1/models", v1_models)
+    for path, reply in replies.items():
+        app.router.add_post(path, answer(reply))
     return app
 
 

@@ -212,7 +212,7 @@ class Agent:
             backend=self.backend_name,
             protocol=PROTOCOL_VERSION,
             features=list(FEATURES),
-            paths=sorted(self.backend.paths),
+            paths=sorted(self.jobs.paths),
             instance=self.instance,
         )
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import aiohttp
 import attrs
+import orjson
 import structlog
 
 from llamapool.errors import BackendError
@@ -28,6 +29,7 @@ from llamapool.protocol import (
     WireError,
     with_model,
 )
+from llamapool.worker import translate
 from llamapool.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("llamapool.worker")
@@ -35,6 +37,8 @@ log = structlog.get_logger("llamapool.worker")
 #: Request headers the worker never passes on: the client's side of the server, plus
 #: Accept-Encoding, because the worker asks its backend for identity-encoded bytes.
 _NOT_TO_BACKEND = CLIENT_ONLY | {"accept-encoding"}
+#: ... and when the worker translates, the headers that describe the client's own body.
+_NOT_TRANSLATED = _NOT_TO_BACKEND | {"content-type", "accept"}
 
 
 class Outbox(Protocol):
@@ -79,6 +83,11 @@ class Jobs:
         metrics: WorkerMetrics,
     ) -> None:
         self.backend = backend
+        #: The Ollama paths the worker translates for this backend (see ``translate``).
+        self._translatable = translate.translatable(backend.paths)
+        self.translated = self._translatable - backend.paths
+        #: Every public path the worker serves: the backend's own and the translated ones.
+        self.paths = backend.paths | self.translated
         self._http = http
         self.metrics = metrics
         self.running: dict[str, Job] = {}
@@ -143,11 +152,11 @@ class Jobs:
     async def _relay(self, job: Job, body: bytes, outbox: Outbox) -> str:
         """Replay one request against the backend; returns how it went."""
         request, rid = job.request, job.request.request_id
-        if request.path not in self.backend.paths:
+        if self._translates(request, body):
+            return await self._translate(job, body, outbox)
+        if not _serves(self.backend.paths, request.path):
             return await self._fail(outbox, rid, "unsupported_path", f"cannot serve {request.path}")
-        headers = forwardable(request.headers.items(), _NOT_TO_BACKEND)
-        headers.update(self.backend.auth_headers())
-        headers["Accept-Encoding"] = "identity"
+        headers = self._headers(request, _NOT_TO_BACKEND)
         if request.model and body:
             body = with_model(body, request.model)
         try:
@@ -170,7 +179,99 @@ class Jobs:
         await outbox.send(ResponseEnd(rid))
         return "failed" if status >= 500 else "succeeded"
 
+    def _headers(self, request: ProxyRequest, drop: frozenset[str]) -> dict[str, str]:
+        headers = forwardable(request.headers.items(), drop)
+        headers.update(self.backend.auth_headers())
+        headers["Accept-Encoding"] = "identity"
+        return headers
+
+    def _translates(self, request: ProxyRequest, body: bytes) -> bool:
+        """Whether to translate this request: an Ollama path the backend lacks, or serves
+        itself only for other models (``Backend.native_models``)."""
+        path = request.path
+        if path in self.translated:
+            return True
+        if path not in self._translatable:
+            return False
+        models = self.backend.native_models(path)
+        return models is not None and (request.model or _model_of(body)) not in models
+
+    async def _translate(self, job: Job, body: bytes, outbox: Outbox) -> str:
+        """Serve an Ollama request from the backend's OpenAI API, translating both ways."""
+        request, rid = job.request, job.request.request_id
+        try:
+            plan = translate.plan(
+                request.path, body, served=self.backend.paths, model=request.model
+            )
+        except translate.TranslationError as exc:
+            log.info("translation_refused", path=request.path, reason=str(exc))
+            return await self._answer(outbox, rid, 400, translate.error_body(str(exc)))
+        reply = translate.Reply(plan)
+        if plan.local is not None:
+            return await self._answer(outbox, rid, 200, reply.local(), reply.content_type)
+        headers = self._headers(request, _NOT_TRANSLATED)
+        headers["Content-Type"] = "application/json"
+        try:
+            url = self.backend.upstream_url(plan.upstream)
+            async with self._http().post(url, data=plan.body, headers=headers) as r:
+                status = r.status
+                if status >= 400:
+                    message = translate.error_message(status, await r.read())
+                    return await self._answer(outbox, rid, status, translate.error_body(message))
+                if not (plan.stream and r.content_type == "text/event-stream"):
+                    answer = reply.whole(await r.read())
+                    return await self._answer(outbox, rid, status, answer, reply.content_type)
+                await outbox.send(ResponseHeaders(rid, status, {"Content-Type": translate.NDJSON}))
+                async for chunk in r.content.iter_any():
+                    lines = reply.feed(chunk)
+                    if lines:
+                        await job.spend(len(lines))
+                        await outbox.send_chunk(rid, lines)
+                lines = reply.finish()
+                if lines:
+                    await job.spend(len(lines))
+                    await outbox.send_chunk(rid, lines)
+        except (aiohttp.ClientError, TimeoutError, BackendError, translate.BadAnswer) as exc:
+            message = str(exc) or type(exc).__name__
+            log.warning("backend_request_failed", path=plan.upstream, error=message)
+            return await self._fail(outbox, rid, "backend_error", message)
+        except Exception as exc:  # never leave the server waiting on a request
+            log.exception("backend_request_crashed", path=plan.upstream)
+            return await self._fail(outbox, rid, "worker_error", f"{type(exc).__name__}: {exc}")
+        await outbox.send(ResponseEnd(rid))
+        return "succeeded"
+
+    async def _answer(
+        self,
+        outbox: Outbox,
+        request_id: str,
+        status: int,
+        body: bytes,
+        content_type: str = translate.JSON,
+    ) -> str:
+        """Send a whole answer the worker made itself."""
+        await outbox.send(ResponseHeaders(request_id, status, {"Content-Type": content_type}))
+        await outbox.send_chunk(request_id, body)
+        await outbox.send(ResponseEnd(request_id))
+        return "failed" if status >= 500 else "succeeded"
+
     async def _fail(self, outbox: Outbox, request_id: str, code: str, message: str) -> str:
         self.last_error = message
         await outbox.send(ResponseEnd(request_id, WireError(code=code, message=message)))
         return "failed"
+
+
+def _serves(paths: frozenset[str], path: str) -> bool:
+    """Whether a backend serving ``paths`` serves ``path``: one of them, or a stored response
+    of the Responses API it serves (``/v1/responses/{id}...``, query string and all)."""
+    return path in paths or (path.startswith("/v1/responses/") and "/v1/responses" in paths)
+
+
+def _model_of(body: bytes) -> str:
+    """The ``model`` a JSON request body names, or ``""``."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else ""

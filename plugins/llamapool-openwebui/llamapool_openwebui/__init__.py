@@ -3,7 +3,9 @@
 Open WebUI puts its own API in front of the runtimes it is connected to, at paths of its own
 and always behind a bearer key (an API key from Settings > Account). This backend maps the
 public paths onto those routes and sends the key; request and response bytes go through
-unchanged. The plugin imports only :mod:`llamapool.plugin_api`, like any third-party backend,
+unchanged. Ollama's native paths reach Open WebUI's Ollama proxy for its Ollama models only;
+for the others (OpenAI connections, pipes) the worker translates them to OpenAI chat and
+embeddings. The plugin imports only :mod:`llamapool.plugin_api`, like any third-party backend,
 and is found through the ``llamapool.backends`` entry point ``openwebui``.
 """
 
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llamapool.plugin_api import Backend, BackendError, fetch_json
+from llamapool.plugin_api import OLLAMA_PATHS, Backend, BackendError, BackendSettings, fetch_json
 
 if TYPE_CHECKING:
+    from collections.abc import Container
+
     import aiohttp
 
 __all__ = ["OpenWebUIBackend"]
@@ -46,6 +50,15 @@ class OpenWebUIBackend(Backend):
     paths: ClassVar[frozenset[str]] = frozenset(_UPSTREAM_PATHS)
     default_url: ClassVar[str] = "http://127.0.0.1:3000"
 
+    def __init__(self, settings: BackendSettings) -> None:
+        super().__init__(settings)
+        #: The models Open WebUI has from an Ollama connection, as of the last listing.
+        self.ollama_models: frozenset[str] = frozenset()
+
+    def native_models(self, path: str) -> Container[str] | None:
+        """Open WebUI's Ollama proxy serves its Ollama models only (``owned_by: ollama``)."""
+        return self.ollama_models if path in OLLAMA_PATHS else None
+
     def upstream_url(self, path: str) -> str:
         """Open WebUI's URL for a public path: its own chat route or its Ollama proxy."""
         try:
@@ -61,7 +74,12 @@ class OpenWebUIBackend(Backend):
                 "and set it as the backend API key"
             )
         url = self.base_url + "/api/models"
-        return _ids(await fetch_json(http, url, headers=self.auth_headers()), url)
+        data = await fetch_json(http, url, headers=self.auth_headers())
+        ids = _ids(data, url)
+        self.ollama_models = frozenset(
+            m["id"] for m in data["data"] if m.get("owned_by") == "ollama"
+        )
+        return ids
 
 
 def _ids(data: Any, url: str) -> list[str]:

@@ -184,3 +184,23 @@ async def test_chat_answer_is_the_echo(aiohttp_server: AiohttpServer) -> None:
         answer = await resp.json()
 
     assert "echo: hello webui" == answer["choices"][0]["message"]["content"]
+
+
+async def test_ollama_paths_are_native_only_for_ollama_models(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """After a listing, Ollama's paths are native for models of the Ollama connection only, so
+    the worker translates the others'; OpenAI paths serve every model."""
+    server = await aiohttp_server(
+        create_fake_openwebui_app(models=[MODEL], openai_models=["gpt-4o-mini"])
+    )
+    backend = backend_for(url_of(server))
+
+    async with aiohttp.ClientSession() as http:
+        models = await backend.list_models(http)
+
+    native = backend.native_models("/api/chat")
+    assert [MODEL, "gpt-4o-mini"] == models
+    assert native is not None
+    assert (True, False) == (MODEL in native, "gpt-4o-mini" in native)
+    assert backend.native_models("/v1/chat/completions") is None

@@ -1,0 +1,45 @@
+"""The relay's settings."""
+
+from __future__ import annotations
+
+import socket
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class McpConfig:
+    """Everything ``llamapool mcp`` needs: where the pool is, and how to reach the MCP server.
+
+    Exactly one of ``command`` (stdio) and ``url`` (Streamable HTTP) is set.
+    """
+
+    server_url: str = "ws://localhost:8080/workers/connect"
+    worker_key: str = attrs.field(default="", repr=False)
+    #: The public endpoint id: clients use ``/api/mcp/id/{mcp_id}``.
+    mcp_id: str
+    #: Display name of this relay.
+    name: str = attrs.Factory(socket.gethostname)
+    #: stdio: the MCP server's command line (already split), working directory, extra env.
+    command: tuple[str, ...] = ()
+    cwd: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    #: Streamable HTTP: the MCP server's URL and the headers to send it.
+    url: str = ""
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    upstream_ca_file: str = ""
+    upstream_tls_insecure: bool = False
+    #: Extra token clients must send in ``X-MCP-Token`` (only its SHA-256 reaches the server).
+    token: str = attrs.field(default="", repr=False)
+    #: Client sessions this relay holds at once (one upstream session each).
+    max_sessions: int = 16
+    #: Longest an MCP call may run without progress (0: the server's default).
+    call_timeout: float = 300.0
+    #: Largest JSON-RPC message from the MCP server.
+    max_message_bytes: int = 4 * 1024 * 1024
+    drain_timeout: float = 60.0
+    reconnect_max: float = 30.0
+    heartbeat_interval: float = 5.0
+    server_timeout: float = 30.0
+    ca_file: str = ""
+    tls_insecure: bool = False
