@@ -26,7 +26,7 @@ from llamapool._cli_options import (
 )
 from llamapool._cli_types import ByteSize, format_size
 from llamapool.log import LogSettings
-from llamapool.mcp.config import McpConfig
+from llamapool.mcp.config import ONE_TRANSPORT, McpConfig
 
 _MCP_ID = re.compile(r"^[A-Za-z0-9][\w.:@+=-]{0,127}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -72,8 +72,8 @@ def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
         fields["command"] = tuple(shlex.split(command))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--command'") from None
-    if bool(fields["command"]) == bool(params["url"]):
-        raise click.UsageError("give exactly one of --command (stdio) and --url (Streamable HTTP)")
+    if [bool(fields["command"]), bool(params["url"]), bool(params["sse_url"])].count(True) != 1:
+        raise click.UsageError(ONE_TRANSPORT)
     fields["env"] = _pairs(params["env"], "=", "KEY=VALUE")
     headers = _pairs(params["header"], ":", "'Name: value'")
     for name, value in headers:
@@ -139,13 +139,25 @@ def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
     help="Streamable HTTP MCP server: its URL (e.g. http://127.0.0.1:8000/mcp).",
 )
 @option(
+    "--sse-url",
+    envvar="MCP_SSE_URL",
+    default="",
+    show_default=False,
+    help="MCP server speaking the older HTTP+SSE transport: the URL of its SSE stream "
+    "(e.g. http://127.0.0.1:8000/sse).",
+)
+@option(
     "--header",
     envvar="MCP_HEADERS",
     multiple=True,
     metavar="'NAME: VALUE'",
-    help="Header sent to the --url server (repeatable).",
+    help="Header sent to the --url or --sse-url server (repeatable).",
 )
-@secret("--bearer-token", envvar="MCP_BEARER_TOKEN", help="Bearer token for the --url server.")
+@secret(
+    "--bearer-token",
+    envvar="MCP_BEARER_TOKEN",
+    help="Bearer token for the --url or --sse-url server.",
+)
 @option(
     "--upstream-ca-file",
     envvar="MCP_CA_FILE",

@@ -104,6 +104,14 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     help="File of worker keys, one per line (added to --worker-key).",
 )
 @option(
+    "--worker-keys-file",
+    envvar="WORKER_KEYS_FILE",
+    default="",
+    show_default=False,
+    help="YAML file of named worker keys with models, max_workers and expiry (reloaded on "
+    "SIGHUP and when it changes).",
+)
+@option(
     "--keys-file",
     envvar="KEYS_FILE",
     default="",
@@ -115,7 +123,7 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     "--keys-poll-interval",
     "KEYS_POLL_INTERVAL",
     field_default(ServeConfig, "keys_poll_interval"),
-    "How often to check whether --keys-file changed.",
+    "How often to check whether --keys-file or --worker-keys-file changed.",
     zero=False,
 )
 @option(

@@ -74,7 +74,10 @@ class ServeConfig:
     max_models_per_worker: int = 1000
     #: YAML file of named client keys with limits (reloaded on SIGHUP and when it changes).
     keys_file: str = ""
-    #: Seconds between two checks whether ``keys_file`` changed.
+    #: YAML file of named worker keys, in the layout of ``keys_file`` (reloaded the same way).
+    worker_keys_file: str = ""
+    #: Seconds between two checks whether ``keys_file`` or ``worker_keys_file`` changed (and
+    #: whether a worker key expired).
     keys_poll_interval: float = 2.0
     #: Requests that may wait at once over every model and key (0: only ``queue_size`` per
     #: key and model bounds them).

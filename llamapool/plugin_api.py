@@ -29,6 +29,7 @@ from llamapool.errors import BackendError
 __all__ = [
     "ANTHROPIC_PATHS",
     "API_VERSION",
+    "LOADED_MODELS_PATH",
     "OLLAMA_PATHS",
     "OPENAI_PATHS",
     "Backend",
@@ -43,7 +44,8 @@ __all__ = [
 #: runtime lacks gets the runtime's own answer, relayed). List the paths to keep a narrower set.
 #: Version 3 added :meth:`Backend.native_models`, with a default that keeps version 2 plugins
 #: working unchanged; a worker now also offers Ollama's native paths for a backend that serves
-#: their OpenAI counterparts, and translates.
+#: their OpenAI counterparts, and translates; and :data:`LOADED_MODELS_PATH`, which a backend
+#: declares to have the server ask it what it holds in memory.
 API_VERSION = 3
 
 #: The OpenAI API paths the server relays (``/rerank`` and ``/v1/score`` are the spellings
@@ -71,6 +73,10 @@ ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 OLLAMA_PATHS = frozenset(
     {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show"}
 )
+#: Ollama's list of the models loaded in memory. A backend that declares it in
+#: :attr:`Backend.paths` answers ``GET`` there in Ollama's shape (``{"models": [...]}``); the
+#: server asks each such worker whenever a client asks the pool's own ``/api/ps``, and merges.
+LOADED_MODELS_PATH = "/api/ps"
 
 
 @attrs.frozen

@@ -62,6 +62,8 @@ CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
 #: The worker sent too many messages that could never be valid; it should reconnect clean.
 CLOSE_INVALID_MESSAGES = 4002
+#: The worker key's ``max_workers`` workers are connected: the worker retries later.
+CLOSE_KEY_FULL = 4003
 #: Another connected worker holds this worker id (see :attr:`Register.instance`).
 CLOSE_ID_IN_USE = 4009
 #: The close reason that says the worker key was refused (Go's wording).

@@ -21,7 +21,7 @@ from llamapool.config import ServeConfig, WorkConfig
 from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import create_app, create_metrics_app, drain
-from llamapool.server.appkeys import KEYS, SOCKETS, STATE
+from llamapool.server.appkeys import KEYS, SOCKETS, STATE, WORKER_KEYS
 from llamapool.server.connections import ConnectionGuard, make_runner, refusal_counter
 from llamapool.server.resources import (
     BACKLOG,
@@ -56,6 +56,7 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     runner = make_runner(app, cfg, guard=ConnectionGuard(cap, on_refused=refusal_counter(app)))
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
+    reload_on_sighup = False
     try:
         await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls, backlog=BACKLOG).start()
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
@@ -74,7 +75,7 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
                 "metrics_listening", url=_url(cfg.host, port, tls=tls is not None) + "/metrics"
             )
         _warn_if_open(cfg)
-        reload_on_sighup = _on_sighup(app[KEYS].reload)
+        reload_on_sighup = _on_sighup(functools.partial(_reload_keys, app))
         yield url
     finally:
         if reload_on_sighup:
@@ -118,7 +119,7 @@ def _warn_if_open(cfg: ServeConfig) -> None:
         return
     if not cfg.api_keys and not cfg.keys_file:
         log.warning("no_api_key", hint="anyone who can reach this port can use the pool")
-    if not cfg.worker_keys:
+    if not cfg.worker_keys and not cfg.worker_keys_file:
         log.warning("no_worker_key", hint="anyone who can reach this port can join as a worker")
 
 
@@ -184,8 +185,14 @@ def _on_signals(callback: Callable[[], None]) -> None:
             loop.add_signal_handler(sig, callback)
 
 
+def _reload_keys(app: web.Application) -> None:
+    """SIGHUP: read the client and the worker keys files again."""
+    app[KEYS].reload()
+    app[WORKER_KEYS].reload()
+
+
 def _on_sighup(callback: Callable[[], object]) -> bool:
-    """Call ``callback`` on SIGHUP (the keys file's reload); ``False`` where there is none."""
+    """Call ``callback`` on SIGHUP (the keys files' reload); ``False`` where there is none."""
     sighup = getattr(signal, "SIGHUP", None)
     if sighup is None:
         return False

@@ -1,7 +1,8 @@
 """A small MCP server for the relay tests, on the official SDK (mcp 2.x ``MCPServer``).
 
-``python tests/mcp_server.py`` speaks stdio; ``--http`` serves Streamable HTTP on a free
-loopback port and prints ``PORT <n>`` once it listens. When ``MCP_TEST_MARKERS`` names a
+``python tests/mcp_server.py`` speaks stdio; ``--http`` serves Streamable HTTP (at ``/mcp``),
+``--sse`` the older HTTP+SSE transport (at ``/sse``), on a free loopback port, and prints
+``PORT <n>`` once it listens. When ``MCP_TEST_MARKERS`` names a
 directory, the slow tool writes ``started-<pid>`` there when it begins and ``cancelled-<pid>``
 when it is cancelled, so a test can see what the server saw.
 """
@@ -71,20 +72,20 @@ def review(code: str) -> str:
     return f"Please review: {code}"
 
 
-def _serve_http() -> None:
+def _serve_http(*, sse: bool) -> None:
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    app = server.streamable_http_app()
+    app = server.sse_app() if sse else server.streamable_http_app()
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
 
 
 if __name__ == "__main__":
-    if "--http" in sys.argv:
-        _serve_http()
+    if "--http" in sys.argv or "--sse" in sys.argv:
+        _serve_http(sse="--sse" in sys.argv)
     else:
         server.run()

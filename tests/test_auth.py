@@ -24,7 +24,7 @@ from llamapool.run import _warn_if_open, running_server
 from llamapool.server import middleware, workers
 from llamapool.server.app import create_app
 from llamapool.server.keyfile import KeyRing, digest
-from llamapool.server.workers import key_matches
+from llamapool.server.worker_keys import WorkerKeyStore
 from llamapool.testing import create_fake_ollama_app, serve_app
 from llamapool.worker.status import serving_status
 
@@ -69,28 +69,13 @@ async def chat_status(http: aiohttp.ClientSession, server: PoolServer, key: str)
 # --- constant-time comparison ---------------------------------------------------------------
 
 
-def test_key_matches_compares_with_hmac_compare_digest_against_every_key() -> None:
-    """key_matches runs hmac.compare_digest on every configured key, without an early exit,
-    and only an exact key matches."""
-    source = inspect.getsource(key_matches)
-
-    assert "hmac.compare_digest(" in source
-    assert "break" not in source
-    assert "return True" not in source
-    assert [True, True, False, False, False, False] == [
-        key_matches("new", ("old", "new")),
-        key_matches("old", ("old", "new")),
-        key_matches("ne", ("old", "new")),
-        key_matches("new ", ("old", "new")),
-        key_matches("", ("old", "new")),
-        key_matches("new", ()),
-    ]
-
-
-def test_workers_are_checked_with_key_matches_and_clients_by_sha256() -> None:
-    """The worker socket compares keys through key_matches; the client middleware looks up
-    the SHA-256 of the presented key (keyfile.KeyRing.lookup), never comparing raw values."""
-    assert "key_matches(" in inspect.getsource(workers._admit)
+def test_workers_and_clients_are_checked_by_sha256() -> None:
+    """The worker socket and the client middleware look up the SHA-256 of the presented key
+    (WorkerKeyStore.authenticate, KeyRing.lookup), never comparing raw values."""
+    assert "keys.authenticate(" in inspect.getsource(workers._admit)
+    assert "self._by_sha256.get(digest(presented))" in inspect.getsource(
+        WorkerKeyStore.authenticate
+    )
     assert "keys.authenticate(" in inspect.getsource(middleware.client_auth)
     assert "self.by_sha256.get(digest(presented))" in inspect.getsource(KeyRing.lookup)
     assert "hashlib.sha256(" in inspect.getsource(digest)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,9 @@ import pytest
 from llamapool.backends.demo import DemoBackend
 from llamapool.build import build_info
 from llamapool.config import WorkConfig
+from llamapool.mcp.agent import McpRelay
+from llamapool.mcp.config import McpConfig
+from llamapool.mcp.stdio import StdioTransport
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import DASHBOARD
 from llamapool.worker.agent import Agent
@@ -118,6 +122,32 @@ async def running_worker(server: PoolServer, name: str) -> AsyncIterator[Agent]:
         if task.done():
             task.result()  # the worker's own error
         yield agent
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(server: PoolServer, mcp_id: str, name: str) -> AsyncIterator[McpRelay]:
+    """An in-process ``llamapool mcp`` relay for ``tests/mcp_server.py`` over stdio."""
+    script = str(Path(__file__).parent / "mcp_server.py")
+    cfg = McpConfig(
+        server_url=server.ws_url,
+        worker_key=WORKER_KEY,
+        mcp_id=mcp_id,
+        name=name,
+        command=(sys.executable, script),
+        token="t0ken",
+    )
+    relay = McpRelay(cfg, StdioTransport(cfg.command))
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_for(
+            lambda: relay.registered.is_set() or task.done(), timeout=10, what="registration"
+        )
+        if task.done():
+            task.result()  # the relay's own error
+        yield relay
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -404,3 +434,52 @@ async def test_dropped_stream_reconnects(pool_server: PoolServer, page: Page) ->
         cable.mend()
         await page.wait_for(f"{CONNECTION_STATE} === 'live'", what="the stream to come back")
         assert True is await page.evaluate("document.getElementById('auth').hidden")
+
+
+async def test_mcp_endpoint_panel(pool_server: PoolServer, dashboard: Page) -> None:
+    """An MCP endpoint shows up live with its relay (its name only as text) and sessions."""
+    await dashboard.evaluate("window.alert = () => { window.alerted = true; }")
+    row = "#mcp tr[data-mcp-id=files]"
+    sessions = text_of(f"{row} [data-field=sessions]")
+    calls = text_of(f"{row} [data-field=calls]")
+    assert True is await dashboard.evaluate("!document.getElementById('mcp-empty').hidden")
+    async with running_relay(pool_server, "files", HOSTILE_NAME):
+        await dashboard.wait_for(f"{sessions} === '0'", what="the endpoint's row")
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "dashboard-test", "version": "0"},
+            },
+        }
+        headers = {"Authorization": f"Bearer {API_KEY}", "X-MCP-Token": "t0ken"}
+        async with (
+            aiohttp.ClientSession(headers=headers) as http,
+            http.post(pool_server.url + "/api/mcp/id/files", json=init) as response,
+        ):
+            assert 200 == response.status
+        settled = f"{sessions} === '1' && {calls} === '0'"
+        await dashboard.wait_for(settled, what="the session, its initialize answered")
+        assert {
+            "id": "files",
+            "token": "token",
+            "relay": HOSTILE_NAME,
+            "total": "1 endpoint",
+            "images": 0,
+            "alerted": False,
+        } == await dashboard.evaluate(
+            f"""({{
+                id: {text_of(f"{row} [data-field=id] .chip")},
+                token: {text_of(f"{row} .mcp-token")},
+                relay: {text_of(f"{row} .mcp-relay")},
+                total: {text_of('[data-field="mcp-total"]')},
+                images: document.querySelectorAll('img').length,
+                alerted: window.alerted === true,
+            }})"""
+        )
+    await dashboard.wait_for(
+        "!document.getElementById('mcp-empty').hidden", what="the endpoint to leave"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -19,12 +20,15 @@ from typing import Any
 
 import aiohttp
 import anyio
+import click
 import mcp.types as types
 import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from llamapool.server.appkeys import MCP
+from llamapool.server.mcp_streams import Connection, Event, SessionStreams
 from tests.cli_helpers import CliProcess, cli_env, cli_process
 from tests.conftest import WORKER_KEY, PoolServer, StartServer, wait_for
 
@@ -88,26 +92,39 @@ async def pool(start_server: StartServer) -> PoolServer:
     return await start_server()
 
 
-@pytest.fixture
-async def http_mcp_server(tmp_path: Path) -> AsyncIterator[str]:
-    """``tests/mcp_server.py --http`` on a free port (markers in ``tmp_path``); its MCP URL."""
+async def serve_mcp(markers: Path, flag: str) -> AsyncIterator[str]:
+    """``tests/mcp_server.py <flag>`` on a free port (markers in ``markers``); its base URL."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SERVER_SCRIPT),
-        "--http",
+        flag,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         stdin=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "MCP_TEST_MARKERS": str(tmp_path)},
+        env={**os.environ, "MCP_TEST_MARKERS": str(markers)},
     )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
         assert line.startswith(b"PORT ")
-        yield f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
     finally:
         proc.kill()
         await proc.wait()
+
+
+@pytest.fixture
+async def http_mcp_server(tmp_path: Path) -> AsyncIterator[str]:
+    """The test MCP server over Streamable HTTP; its MCP URL."""
+    async for url in serve_mcp(tmp_path, "--http"):
+        yield f"{url}/mcp"
+
+
+@pytest.fixture
+async def sse_mcp_server(tmp_path: Path) -> AsyncIterator[str]:
+    """The test MCP server over the older HTTP+SSE transport; its SSE URL."""
+    async for url in serve_mcp(tmp_path, "--sse"):
+        yield f"{url}/sse"
 
 
 async def exercise(server: PoolServer, markers: Path) -> None:
@@ -160,6 +177,14 @@ async def test_streamable_http_server_through_the_pool(
 ) -> None:
     """A Streamable HTTP MCP server behind the relay works the same way."""
     async with relay(pool, "--url", http_mcp_server, markers=tmp_path):
+        await exercise(pool, tmp_path)
+
+
+async def test_http_sse_server_through_the_pool(
+    pool: PoolServer, tmp_path: Path, sse_mcp_server: str
+) -> None:
+    """An MCP server that speaks only the older HTTP+SSE transport works the same way."""
+    async with relay(pool, "--sse-url", sse_mcp_server, markers=tmp_path):
         await exercise(pool, tmp_path)
 
 
@@ -288,3 +313,118 @@ def test_cli_resolves_relay_settings() -> None:
     settings = resolve(["mcp", "--id", "db", "--url", "http://h/mcp", "--bearer-token", "t"])
     assert isinstance(settings, McpSettings)
     assert (("Authorization", "Bearer t"),) == settings.config.headers
+    settings = resolve(["mcp", "--id", "old", "--sse-url", "http://h/sse"])
+    assert isinstance(settings, McpSettings)
+    assert "http://h/sse" == settings.config.sse_url
+    with pytest.raises(click.UsageError, match="exactly one"):
+        resolve(["mcp", "--id", "two", "--url", "http://h/mcp", "--sse-url", "http://h/sse"])
+
+
+ACCEPT = {"Accept": "application/json, text/event-stream"}
+
+
+async def sse_event(response: aiohttp.ClientResponse) -> tuple[str, dict[str, Any]]:
+    """The next SSE event of ``response`` that carries data: its id and its JSON message."""
+    event_id, data = "", b""
+    async for line in response.content:
+        line = line.rstrip(b"\r\n")
+        if line.startswith(b"id: "):
+            event_id = line[4:].decode()
+        elif line.startswith(b"data: "):
+            data += line[6:]
+        elif not line and data:
+            return event_id, json.loads(data)
+    raise AssertionError("the stream ended")
+
+
+async def raw_session(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    """Initialize a session with raw requests; the headers of its later requests."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"},
+        },
+    }
+    async with http.post(url, json=init, headers=ACCEPT) as response:
+        assert 200 == response.status
+        headers = {**ACCEPT, "Mcp-Session-Id": response.headers["Mcp-Session-Id"]}
+    headers["MCP-Protocol-Version"] = "2025-11-25"
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    async with http.post(url, json=initialized, headers=headers) as response:
+        assert 202 == response.status
+    return headers
+
+
+def calls_in_flight(pool: PoolServer) -> int:
+    """Calls in flight on all MCP endpoints of ``pool``."""
+    return sum(r.calls for endpoint in pool.server.app[MCP] for r in endpoint.relays)
+
+
+async def test_dropped_stream_resumes_with_last_event_id(pool: PoolServer, tmp_path: Path) -> None:
+    """A client whose SSE connection drops mid-call GETs with Last-Event-ID and receives the
+    rest of that stream, live or replayed, then the response; nothing twice, nothing lost."""
+    url = f"{pool.url}/api/mcp/id/tools"
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "slow", "arguments": {"steps": 8}, "_meta": {"progressToken": "p"}},
+    }
+    async with (
+        relay(pool, *STDIO, markers=tmp_path),
+        aiohttp.ClientSession(headers=pool.auth) as http,
+    ):
+        headers = await raw_session(http, url)
+        received: list[tuple[str, dict[str, Any]]] = []
+        async with http.post(url, json=call, headers=headers) as response:
+            assert "text/event-stream" == response.content_type
+            received += [await sse_event(response) for _ in range(2)]
+        # the connection is gone; resume while the tool still runs: the rest comes live
+        resume = {**headers, "Last-Event-ID": received[-1][0]}
+        async with http.get(url, headers=resume) as response:
+            assert "text/event-stream" == response.content_type
+            received += [await sse_event(response) for _ in range(2)]
+        # gone again, and this time the call ends meanwhile: the rest is replayed
+        await wait_for(lambda: 0 == calls_in_flight(pool), timeout=20, what="the call's end")
+        resume = {**headers, "Last-Event-ID": received[-1][0]}
+        async with http.get(url, headers=resume) as response:
+            while "id" not in received[-1][1]:
+                received.append(await sse_event(response))
+        stream = received[0][0].split("-")[0]
+        assert [f"{stream}-{n}" for n in range(1, 10)] == [i for i, _ in received]
+        progress = [message["params"]["progress"] for _, message in received[:-1]]
+        assert [float(n) for n in range(1, 9)] == progress
+        assert 7 == received[-1][1]["id"]
+        assert "done after 8 steps" == received[-1][1]["result"]["content"][0]["text"]
+
+        async with http.get(url, headers={**headers, "Last-Event-ID": "99-1"}) as response:
+            assert 400 == response.status
+
+
+async def test_replay_buffer_is_bounded() -> None:
+    """A session keeps only its newest events, by count and by bytes (the newest always), and
+    a stream whose next event is gone cannot be resumed rather than resume with a gap."""
+    streams = SessionStreams(max_events=3, max_bytes=10)
+    first, second = streams.open(waiting=1), streams.open(waiting=1)
+    for data in (b"a", b"b", b"c"):
+        first.put(data)
+    second.put(b"d")  # four events: the oldest, a, is dropped
+    assert streams.resume("1-0") is None
+    resumed = streams.resume("1-1")
+    assert resumed is not None
+    assert [("1-2", b"b"), ("1-3", b"c")] == drain(resumed[1])
+    second.put(b"0123456789")  # over 10 bytes with the others: only it stays
+    assert streams.resume("1-2") is None
+    assert streams.resume("2-1") is not None
+    assert streams.resume("2-0") is None
+    assert streams.resume("3-0") is None
+    assert streams.resume("x") is None
+
+
+def drain(connection: Connection) -> list[Event | None]:
+    """What a connection holds now."""
+    return [connection.get_nowait() for _ in range(connection.qsize())]

@@ -41,7 +41,7 @@ class FakeLink:
     async def cancel(self, request_id: str) -> None:
         pass
 
-    async def grant(self, request_id: str, amount: int) -> None:
+    def grant_soon(self, request_id: str, amount: int) -> None:
         pass
 
     def close_soon(self, reason: str) -> None:

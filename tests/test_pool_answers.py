@@ -14,8 +14,10 @@ from ollama import ResponseError
 from pytest_aiohttp import AiohttpServer
 
 from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app, fake_log
+from llamapool.testing.fakes import loaded_model
 
 from .conftest import PoolServer, StartWorker, url_of, wait_for
+from .resilience_helpers import GoWorker, go_worker
 
 MODEL = "llama3:8b"
 
@@ -82,6 +84,99 @@ async def test_ps_lists_the_models_being_served(
     after = [m.model for m in (await ollama(pool_server, "ps")).models]
 
     assert ([MODEL], []) == (during, after)
+
+
+async def in_flight(server: PoolServer, body: dict[str, Any]) -> int:
+    """A streamed completion through the pool, read to its end; its status."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(server.url + "/v1/completions", json=body, headers=server.auth) as r,
+    ):
+        await r.read()
+        return r.status
+
+
+async def test_ps_merges_what_ollama_workers_hold_with_models_in_flight(
+    aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
+) -> None:
+    """/api/ps lists what each Ollama backend holds, as it reports it and once per model even
+    when two hold it, plus a vLLM model while a request for it is in flight."""
+    for loaded in (["qwen2.5:7b", MODEL], [MODEL]):
+        ollama_app = create_fake_ollama_app(models=[MODEL, "qwen2.5:7b"], loaded=loaded)
+        ollama_backend = await aiohttp_server(ollama_app)
+        await start_worker(pool_server, "ollama", backend_url=url_of(ollama_backend))
+    vllm = await aiohttp_server(create_fake_vllm_app(models=["vllm-model"], chunk_delay=0.05))
+    await start_worker(pool_server, "vllm", backend_url=url_of(vllm))
+    body = {"model": "vllm-model", "prompt": "a b c d e f g h", "stream": True, "max_tokens": 40}
+
+    task = asyncio.create_task(in_flight(pool_server, body))
+    await wait_for(lambda: bool(fake_log(vllm.app).requests[1:]), what="the request")
+    status, _, raw = await get(pool_server, "/api/ps", headers=pool_server.auth)
+    assert 200 == await task
+    models = orjson.loads(raw)["models"]
+
+    assert 200 == status
+    assert ["llama3:8b", "qwen2.5:7b", "vllm-model"] == [m["name"] for m in models]
+    assert [loaded_model(MODEL), loaded_model("qwen2.5:7b")] == models[:2]
+    assert ("vllm-model", 0) == (models[2]["model"], models[2]["size_vram"])
+    assert [] == [p for p in fake_log(vllm.app).paths if p.startswith("/api/")]
+
+
+async def answer_ps(worker: GoWorker, answer: dict[str, Any] | None) -> dict[str, Any]:
+    """Serve the server's next request on a Go worker: ``answer`` as JSON, or (``None``) an
+    error before any headers. Returns the request."""
+    request = await worker.receive()
+    rid = request["request_id"]
+    if answer is not None:
+        await worker.headers(rid, "application/json")
+        await worker.chunk(rid, orjson.dumps(answer))
+        await worker.send({"type": "http_proxy_response_end", "request_id": rid})
+    else:
+        error = {"code": "upstream_error", "message": "ollama is down"}
+        await worker.send({"type": "http_proxy_response_end", "request_id": rid, "error": error})
+    return request
+
+
+async def test_ps_asks_go_workers_and_skips_those_that_fail(pool_server: PoolServer) -> None:
+    """A Go worker (which proxies to Ollama) is asked GET /api/ps like an Ollama worker; one
+    that fails is left out, and the pool still answers with the others' models."""
+    async with (
+        go_worker(pool_server, models=(MODEL,), worker_id="go-a") as good,
+        go_worker(pool_server, models=("mistral:7b",), worker_id="go-b") as failing,
+    ):
+        ps = asyncio.create_task(get(pool_server, "/api/ps", headers=pool_server.auth))
+        requests = await asyncio.gather(
+            answer_ps(good, {"models": [loaded_model(MODEL)]}), answer_ps(failing, None)
+        )
+        status, _, raw = await ps
+        slots = [w.inflight for w in pool_server.pool]
+
+    assert [("GET", "/api/ps")] * 2 == [(r["method"], r["path"]) for r in requests]
+    assert (200, {"models": [loaded_model(MODEL)]}) == (status, orjson.loads(raw))
+    assert [0, 0] == slots
+
+
+async def test_ps_leaves_out_a_worker_that_does_not_answer_in_time(
+    pool_server: PoolServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker silent past the /api/ps timeout is left out, and its request cancelled."""
+    monkeypatch.setattr("llamapool.server.ollama.PS_TIMEOUT", 0.2)
+    async with go_worker(pool_server, models=(MODEL,)) as silent:
+        status, _, raw = await get(pool_server, "/api/ps", headers=pool_server.auth)
+        asked, cancelled = await silent.receive(), await silent.receive()
+
+    assert (200, {"models": []}) == (status, orjson.loads(raw))
+    assert ("http_proxy_cancel", asked["request_id"]) == (
+        cancelled["type"],
+        cancelled["request_id"],
+    )
+
+
+async def test_ps_needs_the_key(pool_server: PoolServer) -> None:
+    """/api/ps without the API key is a 401, as every model endpoint."""
+    status, _, _ = await get(pool_server, "/api/ps")
+
+    assert 401 == status
 
 
 async def test_show_is_described_by_the_pool_for_a_vllm_model(

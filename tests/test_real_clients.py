@@ -4,11 +4,13 @@ a fake Ollama, one on a fake vLLM, one on the demo backend.
 Each SDK is used as its users use it, with nothing but a base URL and the API key: the
 ``openai`` SDK (chat, Responses with a follow-up, embeddings, an audio transcription, streams),
 the ``anthropic`` SDK (which sends the key as ``x-api-key``), and the ``ollama`` client (chat,
-generate, embed, show, ps, version) against the Ollama worker.
+generate, embed, show, ps, version) against the Ollama worker and, translated by its worker,
+the vLLM one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,11 +21,14 @@ import openai
 import pytest
 
 from llamapool.testing import create_fake_ollama_app, create_fake_vllm_app, serve_app
+from llamapool.testing.fakes import loaded_model
 
 from .cli_helpers import API_KEY, running_server, running_worker
 
 OLLAMA_MODEL = "llama3:8b"
 VLLM_MODEL = "qwen2.5-7b-instruct"
+#: Seconds between the fake vLLM's streamed tokens: a long answer stays in flight a while.
+VLLM_TOKEN_DELAY = 0.02
 
 
 @pytest.fixture
@@ -31,7 +36,9 @@ async def pool_url() -> AsyncIterator[str]:
     """A pool of CLI processes: a server and three workers (Ollama, vLLM, demo)."""
     async with (
         serve_app(create_fake_ollama_app(models=[OLLAMA_MODEL])) as ollama_url,
-        serve_app(create_fake_vllm_app(models=[VLLM_MODEL])) as vllm_url,
+        serve_app(
+            create_fake_vllm_app(models=[VLLM_MODEL], chunk_delay=VLLM_TOKEN_DELAY)
+        ) as vllm_url,
         running_server() as (_, url),
         running_worker(url, "--backend", "ollama", "--backend-url", ollama_url),
         running_worker(url, "--backend", "vllm", "--backend-url", vllm_url),
@@ -109,5 +116,56 @@ async def test_ollama_client_against_an_ollama_worker(pool_url: str) -> None:
     assert "echo: say this" == generated["response"]
     assert 2 == len(embedded["embeddings"])
     assert shown.modelinfo is not None
-    assert isinstance(running.models, list)
+    assert [OLLAMA_MODEL] == [m.model for m in running.models]
     assert 200 == version.status_code
+
+
+def ollama_client(url: str) -> ollama.AsyncClient:
+    return ollama.AsyncClient(host=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+
+
+async def test_ollama_client_against_a_vllm_worker(pool_url: str) -> None:
+    """The ollama client's chat (whole and streamed), generate, embed and show work for a model
+    whose backend speaks only OpenAI's API: its worker translates."""
+    hi: Any = [{"role": "user", "content": "hi"}]
+    async with ollama_client(pool_url) as client:
+        chat = await client.chat(model=VLLM_MODEL, messages=hi)
+        streamed = await client.chat(model=VLLM_MODEL, messages=hi, stream=True)
+        parts = [part["message"]["content"] async for part in streamed]
+        generated = await client.generate(model=VLLM_MODEL, prompt="say this")
+        embedded = await client.embed(model=VLLM_MODEL, input=["one", "two"])
+        shown = await client.show(VLLM_MODEL)
+
+    assert ("echo: hi", "echo: hi") == (chat["message"]["content"], "".join(parts))
+    assert (True, True) == (chat["done"], len(parts) > 1)
+    assert "echo: say this" == generated["response"]
+    assert 2 == len(embedded["embeddings"])
+    assert "completion" in (shown.capabilities or [])
+
+
+async def test_ollama_ps_lists_loaded_and_in_flight_models(pool_url: str) -> None:
+    """ps through the pool lists what the Ollama backend holds, as it reports it, and the vLLM
+    model while a request for it is in flight."""
+    prompt = " ".join(f"w{i}" for i in range(200))  # streamed for 200 token delays
+    first_part = asyncio.Event()
+
+    async def generate(client: ollama.AsyncClient) -> None:
+        async for _ in await client.generate(model=VLLM_MODEL, prompt=prompt, stream=True):
+            first_part.set()
+
+    async with ollama_client(pool_url) as client:
+        generating = asyncio.create_task(generate(client))
+        await asyncio.wait_for(first_part.wait(), 30)
+        running = await client.ps()
+        still_generating = not generating.done()
+        generating.cancel()
+        await asyncio.gather(generating, return_exceptions=True)
+
+    assert still_generating
+    assert [OLLAMA_MODEL, VLLM_MODEL] == [m.model for m in running.models]
+    loaded = loaded_model(OLLAMA_MODEL)
+    assert (loaded["size_vram"], loaded["digest"], "llama") == (
+        running.models[0].size_vram,
+        running.models[0].digest,
+        running.models[0].details.family if running.models[0].details else None,
+    )

@@ -76,7 +76,7 @@ WORKER_KEYS = {
     "per_model",
 }
 #: What llamapool-py adds to each worker on top of the Go schema.
-WORKER_EXTRAS = {"backend", "max_concurrency"}
+WORKER_EXTRAS = {"backend", "max_concurrency", "key"}
 TALLY_KEYS = {"success_total", "error_total", "tokens_in_total", "tokens_out_total"}
 ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 

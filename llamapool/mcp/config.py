@@ -6,12 +6,18 @@ import socket
 
 import attrs
 
+#: The error when a relay is given no transport, or more than one.
+ONE_TRANSPORT = (
+    "give exactly one of --command (stdio), --url (Streamable HTTP) and --sse-url (HTTP+SSE)"
+)
+
 
 @attrs.frozen(kw_only=True)
 class McpConfig:
     """Everything ``llamapool mcp`` needs: where the pool is, and how to reach the MCP server.
 
-    Exactly one of ``command`` (stdio) and ``url`` (Streamable HTTP) is set.
+    Exactly one of ``command`` (stdio), ``url`` (Streamable HTTP) and ``sse_url`` (the older
+    HTTP+SSE transport) is set.
     """
 
     server_url: str = "ws://localhost:8080/workers/connect"
@@ -26,6 +32,9 @@ class McpConfig:
     env: tuple[tuple[str, str], ...] = ()
     #: Streamable HTTP: the MCP server's URL and the headers to send it.
     url: str = ""
+    #: HTTP+SSE (protocol 2024-11-05): the URL of the server's SSE stream.
+    sse_url: str = ""
+    #: Both HTTP transports: the headers to send the MCP server.
     headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
     upstream_ca_file: str = ""
     upstream_tls_insecure: bool = False

@@ -28,7 +28,7 @@ _ACCEPT = "application/json, text/event-stream"
 
 
 class SseDecoder:
-    """Server-sent events from a byte stream: the ``data`` of each ``message`` event."""
+    """Server-sent events from a byte stream."""
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -36,13 +36,21 @@ class SseDecoder:
         self._event = b""
 
     def feed(self, chunk: bytes) -> Iterator[str]:
+        """The ``data`` of each ``message`` event completed by ``chunk``."""
+        for event, data in self.events(chunk):
+            if event == "message":
+                yield data
+
+    def events(self, chunk: bytes) -> Iterator[tuple[str, str]]:
+        """The type and ``data`` of each event with data completed by ``chunk``."""
         self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         for raw in lines:
             line = raw.rstrip(b"\r")
             if not line:
-                if self._data and self._event in (b"", b"message"):
-                    yield b"\n".join(self._data).decode(errors="replace")
+                if self._data:
+                    event = self._event.decode(errors="replace") or "message"
+                    yield event, b"\n".join(self._data).decode(errors="replace")
                 self._data, self._event = [], b""
                 continue
             name, _, value = line.partition(b":")

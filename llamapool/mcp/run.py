@@ -10,8 +10,9 @@ import structlog
 
 from llamapool.errors import ConfigError
 from llamapool.mcp.agent import McpRelay
-from llamapool.mcp.config import McpConfig
+from llamapool.mcp.config import ONE_TRANSPORT, McpConfig
 from llamapool.mcp.http import StreamableHttpTransport
+from llamapool.mcp.sse import SseTransport
 from llamapool.mcp.stdio import StdioTransport
 from llamapool.mcp.transport import Transport
 from llamapool.tls import client_context
@@ -20,19 +21,20 @@ log = structlog.get_logger("llamapool.mcp")
 
 
 def make_transport(cfg: McpConfig) -> Transport:
-    """The transport ``cfg`` names: ``command`` (stdio) or ``url`` (Streamable HTTP)."""
-    if bool(cfg.command) == bool(cfg.url):
-        raise ConfigError("give exactly one of --command (stdio) and --url (Streamable HTTP)")
+    """The transport ``cfg`` names: ``command`` (stdio), ``url`` (Streamable HTTP) or
+    ``sse_url`` (HTTP+SSE)."""
+    if [bool(cfg.command), bool(cfg.url), bool(cfg.sse_url)].count(True) != 1:
+        raise ConfigError(ONE_TRANSPORT)
     if cfg.command:
         return StdioTransport(
             cfg.command, cwd=cfg.cwd, env=cfg.env, max_message_bytes=cfg.max_message_bytes
         )
-    if not cfg.url.startswith(("http://", "https://")):
-        raise ConfigError(f"--url must be an http:// or https:// URL, not {cfg.url!r}")
+    option, url = ("--url", cfg.url) if cfg.url else ("--sse-url", cfg.sse_url)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{option} must be an http:// or https:// URL, not {url!r}")
     tls = client_context(ca_file=cfg.upstream_ca_file, insecure=cfg.upstream_tls_insecure)
-    return StreamableHttpTransport(
-        cfg.url, headers=cfg.headers, tls=tls, max_message_bytes=cfg.max_message_bytes
-    )
+    kind = StreamableHttpTransport if cfg.url else SseTransport
+    return kind(url, headers=cfg.headers, tls=tls, max_message_bytes=cfg.max_message_bytes)
 
 
 async def relay(cfg: McpConfig) -> None:

@@ -28,7 +28,7 @@ class Channel(Protocol):
 class Transport(Protocol):
     """Opens sessions with one MCP server."""
 
-    #: Shown in logs: ``stdio``, ``streamable_http``.
+    #: Shown in logs: ``stdio``, ``streamable_http``, ``sse``.
     name: str
 
     async def open(self) -> Channel:

@@ -26,6 +26,7 @@ from llamapool.server.appkeys import (
     SCHEDULER,
     SOCKETS,
     STATE,
+    WORKER_KEYS,
 )
 from llamapool.server.http_errors import json_response
 from llamapool.server.keys import KeyStore, watch_keys_file
@@ -37,6 +38,7 @@ from llamapool.server.registry import Registry
 from llamapool.server.routes import MODEL_ROUTES
 from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
+from llamapool.server.worker_keys import WorkerKeyStore
 from llamapool.server.workers import evict_silent_workers, worker_socket
 
 log = structlog.get_logger("llamapool.server")
@@ -140,7 +142,8 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         cfg.api_keys, cfg.keys_file, metrics=state.metrics, on_change=state.changed
     )
     state.keys_view = lambda: keys.snapshot(scheduler.queued_by_key())
-    app[REGISTRY] = Registry(pool, state, app[SCHEDULER])
+    app[WORKER_KEYS] = worker_keys = WorkerKeyStore(cfg.worker_keys, cfg.worker_keys_file)
+    app[REGISTRY] = Registry(pool, state, app[SCHEDULER], worker_keys=worker_keys)
     app[SOCKETS] = set()
     app[LOG_THROTTLE] = Throttle()
     app[relay.MODELS_IN_FLIGHT] = Counter()
@@ -187,6 +190,7 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(middleware.rate_limit_headers)
     app.cleanup_ctx.append(watch_keys_file(KEYS, cfg.keys_poll_interval))
+    app.cleanup_ctx.append(watch_keys_file(WORKER_KEYS, cfg.keys_poll_interval))
     app.cleanup_ctx.append(evict_silent_workers)
     app.cleanup_ctx.append(state_api.broadcast_state)
     app.cleanup_ctx.append(expire_mcp_sessions)

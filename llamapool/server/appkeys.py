@@ -12,6 +12,7 @@ from llamapool.server.pool import Pool
 from llamapool.server.registry import Registry
 from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
+from llamapool.server.worker_keys import WorkerKeyStore
 
 CONFIG = web.AppKey("config", ServeConfig)
 POOL = web.AppKey("pool", Pool)
@@ -21,6 +22,8 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 REGISTRY = web.AppKey("registry", Registry)
 #: The client keys in force (``API_KEY`` and ``KEYS_FILE``) and each key's usage.
 KEYS = web.AppKey("keys", KeyStore)
+#: The worker keys in force (``WORKER_KEY`` and ``WORKER_KEYS_FILE``) and who holds each.
+WORKER_KEYS = web.AppKey("worker_keys", WorkerKeyStore)
 #: One log line per kind of refusal and interval for what anyone can cause at will (a flood
 #: of worker connections with a wrong key).
 LOG_THROTTLE = web.AppKey("log_throttle", Throttle)

@@ -2,8 +2,14 @@
 
 The link's reader pushes events (headers, body chunks, end) without ever awaiting, so one slow
 client cannot stall the reader that serves every other request of that worker. The request
-handler pulls them with a deadline. Waiting costs one future per wait, and none while events
-are already queued.
+handler pulls them with a deadline.
+
+What one chunk costs decides how many streams a server carries, so the common case takes a
+shorter path: while the handler waits with nothing queued and its client can take more, a
+chunk goes straight from the reader to the client's socket through the handler's *sink*, with
+no task wake-up, no future and no timer. The handler wakes only for what needs it: the end, a
+failure, a deadline, or a client whose socket is full (then chunks queue, in order, and the
+handler writes them, several queued chunks in one write).
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ class Exchange:
         "_waiter",
         "buffered",
         "finished",
+        "last_sunk",
         "limit",
         "on_overflow",
         "request_id",
+        "sink",
         "worker_ended",
     )
 
@@ -72,9 +80,23 @@ class Exchange:
         self.worker_ended = False
         self._events: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        #: Writes a body chunk straight to the client and answers ``True``, or answers
+        #: ``False`` when it cannot now (the chunk then queues). Armed only while the handler
+        #: waits with nothing queued, so chunks never overtake each other.
+        self.sink: Callable[[bytes | memoryview], bool] | None = None
+        #: Loop time of the last chunk that went through the sink (for the idle timeout).
+        self.last_sunk = 0.0
 
     def push(self, event: Event) -> None:
         if self.finished:
+            return
+        if (
+            self.sink is not None
+            and self._waiter is not None
+            and not self._events
+            and isinstance(event, (bytes, memoryview))
+            and self.sink(event)
+        ):
             return
         if isinstance(event, (Ended, Broken)):
             self.finished = True
@@ -110,6 +132,16 @@ class Exchange:
         if isinstance(event, (bytes, memoryview)):
             self.buffered -= len(event)
         return event
+
+    def queued_chunks(self) -> list[bytes | memoryview]:
+        """The body chunks queued now, up to the next event of another kind (taken)."""
+        events, chunks = self._events, []
+        while events and isinstance(events[0], (bytes, memoryview)):
+            chunk = events.popleft()
+            assert isinstance(chunk, (bytes, memoryview))
+            self.buffered -= len(chunk)
+            chunks.append(chunk)
+        return chunks
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

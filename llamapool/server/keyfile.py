@@ -1,4 +1,5 @@
-"""Named client keys: what one key may do, and reading them from ``KEYS_FILE``.
+"""Named keys: what one client key (``KEYS_FILE``) or worker key (``WORKER_KEYS_FILE``) may
+do, and reading them from their file (one layout for both).
 
 No aiohttp here. A key is stored by the SHA-256 of its value, so a file may hold the hash
 (``key_sha256``) instead of the secret, and checking a presented key costs one hash and one
@@ -13,8 +14,9 @@ import fnmatch
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import yaml
@@ -114,16 +116,65 @@ class KeyRing:
         return self.by_sha256.get(digest(presented))
 
 
-# --- KEYS_FILE ------------------------------------------------------------------------------
+@attrs.frozen
+class WorkerKey:
+    """One worker key and what its workers may do; ``None`` limits are no limit."""
 
+    name: str
+    sha256: bytes = attrs.field(repr=False)
+    #: Glob patterns of the model names its workers may advertise; empty: all.
+    models: tuple[str, ...] = ()
+    #: Workers connected with it at once.
+    max_workers: int | None = None
+    expires: float | None = None
+    disabled: bool = False
+
+    def allows(self, model: str) -> bool:
+        """Whether its workers may serve ``model``."""
+        return not self.models or any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires is not None and (time.time() if now is None else now) >= self.expires
+
+    def valid(self, now: float | None = None) -> bool:
+        """Whether a worker may connect (or stay connected) with it."""
+        return not self.disabled and not self.expired(now)
+
+
+#: The worker key of a pool without worker keys.
+OPEN_WORKER = WorkerKey(ANONYMOUS, b"")
+
+
+# --- KEYS_FILE and WORKER_KEYS_FILE ---------------------------------------------------------
+
+_K = TypeVar("_K", ClientKey, WorkerKey)
+_COMMON = frozenset({"name", "key", "key_sha256", "models", "expires", "disabled"})
 _INTS = ("rpm", "tpm", "max_concurrent", "daily_tokens")
-_FIELDS = frozenset(
-    {"name", "key", "key_sha256", "models", "weight", "priority", "expires", "disabled", *_INTS}
-)
+_FIELDS = frozenset({*_COMMON, "weight", "priority", *_INTS})
+_WORKER_FIELDS = frozenset({*_COMMON, "max_workers"})
 
 
 def read_keys_file(path: str | Path) -> tuple[ClientKey, ...]:
     """The keys of a ``KEYS_FILE``; any problem is a :class:`ConfigError` naming file and line."""
+    return parse_keys(_read(path), source=str(path))
+
+
+def read_worker_keys_file(path: str | Path) -> tuple[WorkerKey, ...]:
+    """The keys of a ``WORKER_KEYS_FILE``, with the same layout and errors as a ``KEYS_FILE``."""
+    return parse_worker_keys(_read(path), source=str(path))
+
+
+def parse_keys(text: str, *, source: str) -> tuple[ClientKey, ...]:
+    """Client keys from the text of a keys file: ``keys:``, a list of mappings."""
+    return _parse(text, source, _FIELDS, _client_key)
+
+
+def parse_worker_keys(text: str, *, source: str) -> tuple[WorkerKey, ...]:
+    """Worker keys from the text of a worker keys file."""
+    return _parse(text, source, _WORKER_FIELDS, _worker_key)
+
+
+def _read(path: str | Path) -> str:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
@@ -132,11 +183,14 @@ def read_keys_file(path: str | Path) -> tuple[ClientKey, ...]:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"{source}: cannot read: {reason}") from None
-    return parse_keys(text, source=source)
+    return text
 
 
-def parse_keys(text: str, *, source: str) -> tuple[ClientKey, ...]:
-    """Keys from the text of a keys file: ``keys:``, a list of mappings."""
+_Build = Callable[[dict[str, tuple[Any, int]], int, str], _K]
+
+
+def _parse(text: str, source: str, fields: frozenset[str], build: _Build[_K]) -> tuple[_K, ...]:
+    """The keys of a file of either kind: ``fields`` are those an entry may have."""
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
@@ -156,7 +210,7 @@ def parse_keys(text: str, *, source: str) -> tuple[ClientKey, ...]:
             return ()
         if not isinstance(entries, yaml.SequenceNode):
             raise ConfigError(f"{source}:{_line(entries)}: 'keys' must be a list of keys")
-        keys = [_entry(loader, node, source) for node in entries.value]
+        keys = [_entry(loader, node, source, fields, build) for node in entries.value]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -186,7 +240,13 @@ def _line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
 
 
-def _entry(loader: yaml.SafeLoader, node: yaml.Node, source: str) -> tuple[ClientKey, int]:
+def _entry(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    source: str,
+    fields: frozenset[str],
+    build: _Build[_K],
+) -> tuple[_K, int]:
     line = _line(node)
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}:{line}: each key is a mapping with at least 'name' and 'key'")
@@ -194,8 +254,8 @@ def _entry(loader: yaml.SafeLoader, node: yaml.Node, source: str) -> tuple[Clien
     for key_node, value_node in node.value:
         field = loader.construct_object(key_node, deep=True)
         where = f"{source}:{_line(key_node)}"
-        if field not in _FIELDS:
-            close = difflib.get_close_matches(str(field), sorted(_FIELDS), n=1)
+        if field not in fields:
+            close = difflib.get_close_matches(str(field), sorted(fields), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{where}: unknown field {field!r}{hint}")
         if field == "name" and isinstance(value_node, yaml.ScalarNode):
@@ -203,13 +263,57 @@ def _entry(loader: yaml.SafeLoader, node: yaml.Node, source: str) -> tuple[Clien
         else:
             value = loader.construct_object(value_node, deep=True)
         raw[field] = (value, _line(key_node))
-    return _client_key(raw, line, source), line
+    return build(raw, line, source), line
 
 
 def _client_key(raw: dict[str, tuple[Any, int]], line: int, source: str) -> ClientKey:
+    where = _where(raw, line, source)
+    name, sha256, fields = _common(raw, line, source, plain="API_KEY")
+    for field in _INTS:
+        if field in raw and raw[field][0] is not None:
+            fields[field] = _count(raw, field, where)
+    if "weight" in raw:
+        weight = raw["weight"][0]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"{where('weight')}: 'weight' must be a number above 0")
+        fields["weight"] = float(weight)
+    if "priority" in raw:
+        priority = raw["priority"][0]
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigError(f"{where('priority')}: 'priority' must be a whole number")
+        fields["priority"] = priority
+    return ClientKey(name, sha256, **fields)
+
+
+def _worker_key(raw: dict[str, tuple[Any, int]], line: int, source: str) -> WorkerKey:
+    name, sha256, fields = _common(raw, line, source, plain="WORKER_KEY")
+    if "max_workers" in raw and raw["max_workers"][0] is not None:
+        fields["max_workers"] = _count(raw, "max_workers", _where(raw, line, source))
+    return WorkerKey(name, sha256, **fields)
+
+
+def _where(raw: dict[str, tuple[Any, int]], line: int, source: str) -> Callable[[str], str]:
+    """``file:line`` of a field, or of its entry when the field is missing."""
+
     def where(field: str) -> str:
         return f"{source}:{raw[field][1] if field in raw else line}"
 
+    return where
+
+
+def _count(raw: dict[str, tuple[Any, int]], field: str, where: Callable[[str], str]) -> int:
+    value = raw[field][0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where(field)}: {field!r} must be a whole number above 0")
+    return value
+
+
+def _common(
+    raw: dict[str, tuple[Any, int]], line: int, source: str, *, plain: str
+) -> tuple[str, bytes, dict[str, Any]]:
+    """The name, the key's SHA-256 and the fields both kinds of key have (``plain``: the
+    setting whose keys are ``anonymous``)."""
+    where = _where(raw, line, source)
     name, _ = raw.get("name", (None, line))
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(
@@ -217,7 +321,7 @@ def _client_key(raw: dict[str, tuple[Any, int]], line: int, source: str) -> Clie
             "(it labels logs and metrics, so never put the key itself here)"
         )
     if name == ANONYMOUS:
-        raise ConfigError(f"{where('name')}: {ANONYMOUS!r} is reserved for API_KEY keys")
+        raise ConfigError(f"{where('name')}: {ANONYMOUS!r} is reserved for {plain} keys")
     if ("key" in raw) == ("key_sha256" in raw):
         raise ConfigError(f"{where('name')}: key {name!r} needs exactly one of key, key_sha256")
     if "key" in raw:
@@ -231,12 +335,6 @@ def _client_key(raw: dict[str, tuple[Any, int]], line: int, source: str) -> Clie
             raise ConfigError(f"{where('key_sha256')}: 'key_sha256' must be 64 hex digits")
         sha256 = bytes.fromhex(hexed)
     fields: dict[str, Any] = {}
-    for field in _INTS:
-        if field in raw and raw[field][0] is not None:
-            value = raw[field][0]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where(field)}: {field!r} must be a whole number above 0")
-            fields[field] = value
     if "models" in raw:
         models = raw["models"][0]
         if isinstance(models, str):
@@ -244,16 +342,6 @@ def _client_key(raw: dict[str, tuple[Any, int]], line: int, source: str) -> Clie
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise ConfigError(f"{where('models')}: 'models' must be a list of glob patterns")
         fields["models"] = tuple(models)
-    if "weight" in raw:
-        weight = raw["weight"][0]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ConfigError(f"{where('weight')}: 'weight' must be a number above 0")
-        fields["weight"] = float(weight)
-    if "priority" in raw:
-        priority = raw["priority"][0]
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ConfigError(f"{where('priority')}: 'priority' must be a whole number")
-        fields["priority"] = priority
     if "disabled" in raw:
         disabled = raw["disabled"][0]
         if not isinstance(disabled, bool):
@@ -261,7 +349,7 @@ def _client_key(raw: dict[str, tuple[Any, int]], line: int, source: str) -> Clie
         fields["disabled"] = disabled
     if "expires" in raw and raw["expires"][0] is not None:
         fields["expires"] = _when(raw["expires"][0], where("expires"))
-    return ClientKey(name, sha256, **fields)
+    return name, sha256, fields
 
 
 def _when(value: object, where: str) -> float:

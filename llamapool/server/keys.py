@@ -1,10 +1,11 @@
 """The client keys in force, who sent each request, and what each key has used.
 
-:class:`KeyStore` is the one owner of the keys: it reads ``API_KEY`` and ``KEYS_FILE``,
+:class:`KeyStore` is the one owner of the client keys: it reads ``API_KEY`` and ``KEYS_FILE``,
 reloads the file on SIGHUP and when it changes (a bad file is logged with its line and the
 keys in force stay), answers which key a presented value is, and keeps each key name's
 usage, limits and Prometheus series. Requests carry their :class:`Caller` (the key's name,
-never its value) from the auth middleware to the scheduler and the logs.
+never its value) from the auth middleware to the scheduler and the logs. :class:`KeysFile`,
+the reloading, is shared with the worker keys (:mod:`llamapool.server.worker_keys`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -56,7 +57,42 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
-class KeyStore:
+class KeysFile:
+    """A keys file in force: read again on SIGHUP and whenever it changes; a bad file is
+    logged with its line and the keys in force stay. Subclasses apply what was read."""
+
+    #: The events of a reload and of a bad file.
+    RELOADED = "keys_reloaded"
+    INVALID = "keys_file_invalid"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp = _stamp(path) if path else None
+
+    def _load(self) -> int:
+        """Read the file and apply its keys; how many; :class:`ConfigError` if it is bad."""
+        raise NotImplementedError
+
+    def reload(self) -> bool:
+        """Read the file again; on any problem, log it and keep the keys in force."""
+        if not self.path:
+            return False
+        self._stamp = _stamp(self.path)
+        try:
+            count = self._load()
+        except ConfigError as exc:
+            log.error(self.INVALID, error=str(exc), hint="the previous keys stay in force")
+            return False
+        log.info(self.RELOADED, path=self.path, keys=count)
+        return True
+
+    def poll(self) -> None:
+        """Reload if the file changed since it was last read (cheap: one ``stat``)."""
+        if self.path and _stamp(self.path) != self._stamp:
+            self.reload()
+
+
+class KeyStore(KeysFile):
     """The accepted client keys and each key name's usage."""
 
     def __init__(
@@ -67,13 +103,12 @@ class KeyStore:
         metrics: ServerMetrics | None = None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
-        self.path = path
+        super().__init__(path)
         self.plain = plain
         #: Whether requests need a key: any API_KEY, or a KEYS_FILE (even one listing none).
         self.required = bool(plain or path)
         self._metrics = metrics
         self._on_change = on_change
-        self._stamp = _stamp(path) if path else None
         self.ring = KeyRing.build(plain, read_keys_file(path) if path else ())
         self.usage: dict[str, KeyUsage] = {}
         self._sync()
@@ -81,28 +116,12 @@ class KeyStore:
     def authenticate(self, presented: str) -> ClientKey | None:
         return self.ring.lookup(presented)
 
-    # --- reloading ---------------------------------------------------------------------------
-
-    def reload(self) -> bool:
-        """Read ``KEYS_FILE`` again; on any problem, log it and keep the keys in force."""
-        if not self.path:
-            return False
-        self._stamp = _stamp(self.path)
-        try:
-            named = read_keys_file(self.path)
-        except ConfigError as exc:
-            log.error("keys_file_invalid", error=str(exc), hint="the previous keys stay in force")
-            return False
+    def _load(self) -> int:
+        named = read_keys_file(self.path)
         self.ring = KeyRing.build(self.plain, named)
         self._sync()
-        log.info("keys_reloaded", path=self.path, keys=len(named))
         self._on_change()
-        return True
-
-    def poll(self) -> None:
-        """Reload if the file changed since it was last read (cheap: one ``stat``)."""
-        if self.path and _stamp(self.path) != self._stamp:
-            self.reload()
+        return len(named)
 
     def _sync(self) -> None:
         """Usage records and series for exactly the configured names (and ``anonymous``)."""
@@ -180,10 +199,13 @@ class KeyStore:
         return rows
 
 
+_Store = TypeVar("_Store", bound=KeysFile)
+
+
 def watch_keys_file(
-    keys: web.AppKey[KeyStore], interval: float
+    keys: web.AppKey[_Store], interval: float
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A ``cleanup_ctx`` that reloads the keys file whenever it changes."""
+    """A ``cleanup_ctx`` that calls the store's :meth:`~KeysFile.poll` every ``interval``."""
 
     async def watch(app: web.Application) -> AsyncIterator[None]:
         store = app[keys]
@@ -197,7 +219,7 @@ def watch_keys_file(
     return watch
 
 
-async def _poll(store: KeyStore, interval: float) -> None:
+async def _poll(store: KeysFile, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import attrs
 import structlog
@@ -63,7 +65,8 @@ class WorkerLink:
         self._window_start = 0.0
         self._window_invalid = 0
         self._closing: asyncio.Task[bool] | None = None
-        self._cancelling: set[asyncio.Task[None]] = set()
+        #: Sends in flight that nobody awaits (cancels, credit), kept from the GC.
+        self._cancelling: set[asyncio.Future[None]] = set()
 
     def open(self) -> Exchange:
         """A new request on this link, under the next wire id."""
@@ -110,19 +113,27 @@ class WorkerLink:
     def _overflowed(self, request_id: str) -> None:
         """A stalled client's buffer is full: stop the worker now (the relay ends the response
         whenever the client reads again, or REQUEST_TIMEOUT does)."""
-        task = asyncio.ensure_future(self.cancel(request_id))
-        self._cancelling.add(task)
-        task.add_done_callback(self._cancelling.discard)
+        self._background(self.cancel(request_id))
 
     @property
     def window(self) -> int:
         """The credit a new request starts with (0: no flow control)."""
         return FLOW_WINDOW if self.flow else 0
 
-    async def grant(self, request_id: str, amount: int) -> None:
-        """Let the worker send ``amount`` more bytes of a response."""
+    def grant_soon(self, request_id: str, amount: int) -> None:
+        """Let the worker send ``amount`` more bytes of a response. Sent from a task of its
+        own: the caller may be this link's reader itself (a chunk written straight through),
+        which must never wait on the socket. Once per half window, so rare."""
+        self._background(self._send_credit(request_id, amount))
+
+    async def _send_credit(self, request_id: str, amount: int) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.send_str(protocol.encode(Credit(request_id, amount)))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     def forget(self, request_id: str) -> None:
         self.exchanges.pop(request_id, None)

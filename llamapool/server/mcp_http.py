@@ -3,8 +3,10 @@
 ``POST`` carries the client's JSON-RPC messages; requests are answered as ``application/json``
 when the MCP server's response is the first thing that comes back, otherwise as an SSE stream
 (progress, server requests, then the response). ``GET`` opens the session's server-to-client
-stream, ``DELETE`` ends the session. The pool's API key is checked by the middleware; an
-endpoint whose relay was given ``--token`` also needs ``X-MCP-Token``.
+stream, or with ``Last-Event-ID`` resumes a stream whose connection dropped (events have ids;
+see :mod:`llamapool.server.mcp_streams`); ``DELETE`` ends the session. The pool's API key is
+checked by the middleware; an endpoint whose relay was given ``--token`` also needs
+``X-MCP-Token``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from llamapool.server.mcp_sessions import (
     McpEndpoint,
     McpEndpoints,
     McpSession,
-    Stream,
     rpc_error,
 )
+from llamapool.server.mcp_streams import Connection, Event
 
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
+LAST_EVENT_ID = "Last-Event-ID"
+#: From this version on, a GET stream starts with an event that has an id and no data, so a
+#: client can resume it before anything was sent (older clients may not expect empty data).
+PRIMING_VERSION = "2025-11-25"
 TOKEN_HEADER = "X-MCP-Token"
 #: Versions of the handshake era (the relay keeps a session per client session).
 PROTOCOL_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
@@ -112,12 +118,15 @@ async def post(request: web.Request) -> web.StreamResponse:
         session = _session(request, endpoints, endpoint)
     if isinstance(session, web.Response):
         return session
-    stream = Stream(waiting=len(requests))
+    stream = session.streams.open(waiting=len(requests))
+    connection = stream.connection
+    assert connection is not None
     for message in requests:
         problem = endpoints.start_call(session, message, stream)
         if problem:  # nothing of this POST is sent then
             for accepted in requests[: requests.index(message)]:
                 endpoints.client_cancelled(session, accepted["id"])
+            session.streams.forget(stream)
             return _error(
                 429 if "too many" in problem else 400, SERVER_ERROR, problem, message["id"]
             )
@@ -128,33 +137,51 @@ async def post(request: web.Request) -> web.StreamResponse:
             if isinstance(params, dict) and "requestId" in params:
                 endpoints.client_cancelled(session, params["requestId"])
     if not requests:
+        session.streams.forget(stream)
         return web.Response(status=202)
     headers = {SESSION_HEADER: session.id} if initialize else {}
     try:
-        first = await stream.queue.get()
-        if initialize and (first is None or "error" in orjson.loads(first)):
+        first = await connection.get()
+        if initialize and (first is None or "error" in orjson.loads(first[1])):
             endpoints.close_session(session, "initialize failed", tell_relay=True)
             headers = {}
         if first is not None and not batch and stream.waiting <= 0:
-            return web.Response(body=first, content_type="application/json", headers=headers)
-        return await _sse(request, stream, headers, first=first, ended=first is None)
+            session.streams.forget(stream)
+            return web.Response(body=first[1], content_type="application/json", headers=headers)
+        return await _sse(request, connection, headers, first=first, ended=first is None)
     finally:
-        stream.detach()
+        endpoints.stream_closed(session, stream, connection)
 
 
 async def get(request: web.Request) -> web.StreamResponse:
-    """``GET /api/mcp/id/{id}``: the session's stream of server-initiated messages."""
+    """``GET /api/mcp/id/{id}``: the session's stream of server-initiated messages, or with
+    ``Last-Event-ID`` the rest of a stream whose connection dropped."""
     endpoints, endpoint = _endpoint(request)
     if isinstance(endpoint, web.Response):
         return endpoint
     session = _session(request, endpoints, endpoint)
     if isinstance(session, web.Response):
         return session
-    stream = endpoints.open_get_stream(session)
+    last_event_id = request.headers.get(LAST_EVENT_ID)
+    prime = ""
+    if last_event_id is None:
+        stream, connection = endpoints.open_get_stream(session)
+        if session.protocol_version >= PRIMING_VERSION:
+            prime = stream.event_id(0)
+    else:
+        resumed = endpoints.resume_stream(session, last_event_id)
+        if resumed is None:
+            return _error(
+                400,
+                INVALID_REQUEST,
+                f"cannot resume after event {last_event_id[:40]!r}: "
+                "it is no event of this session, or what followed is no longer held",
+            )
+        stream, connection = resumed
     try:
-        return await _sse(request, stream, {})
+        return await _sse(request, connection, {}, prime=prime)
     finally:
-        endpoints.get_stream_closed(session, stream)
+        endpoints.stream_closed(session, stream, connection)
 
 
 async def delete(request: web.Request) -> web.StreamResponse:
@@ -169,16 +196,24 @@ async def delete(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200)
 
 
+def _event(event: Event) -> bytes:
+    """One SSE event; a message's line breaks (JSON whitespace) become ``data:`` lines."""
+    event_id, data = event
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\ndata: ")
+    return b"id: " + event_id.encode() + b"\nevent: message\ndata: " + data + b"\n\n"
+
+
 async def _sse(
     request: web.Request,
-    stream: Stream,
+    connection: Connection,
     headers: dict[str, str],
     *,
-    first: bytes | None = None,
+    first: Event | None = None,
     ended: bool = False,
+    prime: str = "",
 ) -> web.StreamResponse:
-    """Stream the messages of ``stream`` as SSE events until it ends (``first`` was already
-    taken from its queue; ``ended``: so was its end)."""
+    """Stream the events of ``connection`` until its stream ends (``first`` was already taken
+    from it; ``ended``: so was its end). ``prime``: an event id to send first, without data."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -189,17 +224,19 @@ async def _sse(
     )
     await response.prepare(request)
     with contextlib.suppress(ConnectionError):
+        if prime:
+            await response.write(b"id: " + prime.encode() + b"\nevent: message\ndata: \n\n")
         if first is not None:
-            await response.write(b"event: message\ndata: " + first + b"\n\n")
+            await response.write(_event(first))
         while not ended:
             try:
-                data = await asyncio.wait_for(stream.queue.get(), KEEPALIVE)
+                event = await asyncio.wait_for(connection.get(), KEEPALIVE)
             except asyncio.TimeoutError:
                 await response.write(b": keepalive\n\n")
                 continue
-            if data is None:
+            if event is None:
                 break
-            await response.write(b"event: message\ndata: " + data + b"\n\n")
+            await response.write(_event(event))
         await response.write_eof()
     return response
 

@@ -23,6 +23,7 @@ import orjson
 import structlog
 
 from llamapool.protocol import McpClose, McpMessage, McpOpen, Message
+from llamapool.server.mcp_streams import Connection, SessionStreams, Stream
 
 log = structlog.get_logger("llamapool.server")
 
@@ -69,6 +70,10 @@ class McpLimits:
     session_idle: float = 1800.0
     #: Server-initiated messages held for a session with no open stream.
     max_backlog: int = 256
+    #: Events a session keeps for clients resuming a stream with ``Last-Event-ID`` (count,
+    #: and bytes of data; the newest event is always kept).
+    replay_events: int = 512
+    replay_bytes: int = 1024 * 1024
 
 
 def rpc_error(request_id: Any, code: int, message: str) -> bytes:
@@ -76,36 +81,6 @@ def rpc_error(request_id: Any, code: int, message: str) -> bytes:
     return orjson.dumps(
         {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
     )
-
-
-class Stream:
-    """What one HTTP response (a POST's answer or the GET stream) will carry to the client.
-
-    ``None`` in the queue ends it. A stream whose client went away is ``detached``: what
-    still comes for it is dropped, but the calls it carried keep running (a dropped
-    connection is not a cancellation).
-    """
-
-    def __init__(self, waiting: int = 0) -> None:
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.waiting = waiting
-        self.detached = False
-
-    def put(self, data: bytes) -> None:
-        if not self.detached:
-            self.queue.put_nowait(data)
-
-    def answered(self) -> None:
-        """One of the requests it carries got its response (or will get none)."""
-        self.waiting -= 1
-        if self.waiting <= 0:
-            self.end()
-
-    def end(self) -> None:
-        self.queue.put_nowait(None)
-
-    def detach(self) -> None:
-        self.detached = True
 
 
 @attrs.define(eq=False)
@@ -151,8 +126,10 @@ class McpSession:
     id: str
     endpoint_id: str
     relay: Relay
+    streams: SessionStreams
     last_active: float = attrs.Factory(time.monotonic)
     calls: dict[bytes, Call] = attrs.Factory(dict)
+    #: The newest GET stream, attached to a connection or not.
     get_stream: Stream | None = None
     backlog: deque[bytes] = attrs.Factory(deque)
     protocol_version: str = ""
@@ -241,7 +218,10 @@ class McpEndpoints:
         if not candidates:
             raise McpBusyError(f"every relay of MCP endpoint {endpoint.id!r} is busy or draining")
         relay = min(candidates, key=lambda r: (len(r.sessions), r.calls))
-        session = McpSession(secrets.token_urlsafe(24), endpoint.id, relay)
+        streams = SessionStreams(
+            max_events=self.limits.replay_events, max_bytes=self.limits.replay_bytes
+        )
+        session = McpSession(secrets.token_urlsafe(24), endpoint.id, relay, streams)
         self.sessions[session.id] = session
         relay.sessions.add(session)
         relay.send(McpOpen(session.id))
@@ -275,7 +255,8 @@ class McpEndpoints:
     def expire_idle(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         for session in list(self.sessions.values()):
-            idle = not session.calls and session.get_stream is None
+            listening = session.get_stream is not None and not session.get_stream.detached
+            idle = not session.calls and not listening
             if idle and now - session.last_active > self.limits.session_idle:
                 self.close_session(session, "the session expired", tell_relay=True)
 
@@ -384,19 +365,30 @@ class McpEndpoints:
         while len(session.backlog) > self.limits.max_backlog:
             session.backlog.popleft()
 
-    def open_get_stream(self, session: McpSession) -> Stream:
-        """The session's server-to-client stream (replacing an older one), backlog first."""
+    def open_get_stream(self, session: McpSession) -> tuple[Stream, Connection]:
+        """The session's server-to-client stream (ending an older one), backlog first."""
         if session.get_stream is not None:
             session.get_stream.end()
-        stream = session.get_stream = Stream()
+        stream = session.get_stream = session.streams.open(listening=True)
         while session.backlog:
             stream.put(session.backlog.popleft())
-        return stream
+        assert stream.connection is not None
+        return stream, stream.connection
 
-    def get_stream_closed(self, session: McpSession, stream: Stream) -> None:
-        stream.detach()
-        if session.get_stream is stream:
-            session.get_stream = None
+    def resume_stream(
+        self, session: McpSession, last_event_id: str
+    ) -> tuple[Stream, Connection] | None:
+        """A new connection for the stream that carried ``last_event_id``, replaying what
+        followed it; ``None`` when it cannot be resumed without a gap."""
+        resumed = session.streams.resume(last_event_id)
+        if resumed is not None and resumed[0].listening and not resumed[0].ended:
+            session.get_stream = resumed[0]
+        session.last_active = time.monotonic()
+        return resumed
+
+    def stream_closed(self, session: McpSession, stream: Stream, connection: Connection) -> None:
+        """The HTTP response carrying ``connection`` of ``stream`` is over."""
+        stream.detach(connection)
         session.last_active = time.monotonic()
 
     # --- time --------------------------------------------------------------------------------

@@ -1,23 +1,30 @@
 """Ollama's native API, the parts the pool answers itself.
 
 Generation and embeddings are relayed (see :mod:`llamapool.server.routes`); the model list,
-the version, the running models, model details for backends that are not Ollama, the probe
-at ``/`` and a clear refusal of model management are the pool's to answer.
+the version, the running models (merged from what the workers' backends report), model
+details for backends that are not Ollama, the probe at ``/`` and a clear refusal of model
+management are the pool's to answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from typing import Any
 
+import orjson
+import structlog
 from aiohttp import web
 
+from llamapool.plugin_api import LOADED_MODELS_PATH
 from llamapool.server.appkeys import POOL
 from llamapool.server.http_errors import Flavor, error_response, json_response
 from llamapool.server.keys import visible
 from llamapool.server.pool import ModelInfo, WorkerHandle, fallback_names
-from llamapool.server.relay import MODELS_IN_FLIGHT
+from llamapool.server.relay import MODELS_IN_FLIGHT, AskFailed, ask_worker
+
+log = structlog.get_logger("llamapool.server")
 
 #: The Ollama version the pool says it is. Clients read it to check the server is Ollama and,
 #: some, that it is recent enough for what they use (``/api/embed``, tool calls, the
@@ -77,26 +84,89 @@ async def version(request: web.Request) -> web.Response:
     return json_response({"version": OLLAMA_VERSION})
 
 
-async def ps(request: web.Request) -> web.Response:
-    """``GET /api/ps``: the models with requests in flight anywhere in the pool.
+#: How long ``/api/ps`` waits for the workers it asks: one slower than this is left out.
+PS_TIMEOUT = 2.0
+#: Workers ``/api/ps`` asks at once.
+PS_CONCURRENCY = 32
+#: Workers ``/api/ps`` asks in all (the first by name): its answer stays quick in a large pool.
+PS_MAX_WORKERS = 256
+#: The largest ``/api/ps`` answer read from one worker.
+PS_MAX_BYTES = 1024 * 1024
 
-    What each Ollama backend itself holds in memory is not asked for (yet): a model shows
-    here while the pool is serving it.
+
+async def ps(request: web.Request) -> web.Response:
+    """``GET /api/ps``: the models loaded anywhere in the pool, in Ollama's shape, once each.
+
+    Every worker whose backend serves ``/api/ps`` (Ollama, and Go workers, which proxy to
+    Ollama) is asked for what it holds in memory, in parallel, and its entries are kept as the
+    backend wrote them (size, VRAM, expiry, details). A worker that is full, fails, or does not
+    answer within :data:`PS_TIMEOUT` is left out. Models with requests in flight on any worker
+    (vLLM, llama.cpp, a worker left out) are added with what the pool knows of them.
     """
-    in_flight = request.app[MODELS_IN_FLIGHT]
-    models = [
-        {
-            "name": model,
-            "model": model,
-            "size": 0,
-            "digest": _digest(model),
-            "details": _details(),
-            "expires_at": _iso(time.time() + 300),
-            "size_vram": 0,
-        }
-        for model in sorted(m for m, n in in_flight.items() if n > 0)
-    ]
-    return json_response({"models": models})
+    app = request.app
+    asked = sorted(
+        (w for w in app[POOL] if w.routable and (w.paths is None or LOADED_MODELS_PATH in w.paths)),
+        key=lambda w: (w.name, w.id),
+    )[:PS_MAX_WORKERS]
+    deadline = asyncio.get_running_loop().time() + PS_TIMEOUT
+    gate = asyncio.Semaphore(PS_CONCURRENCY)
+    answers = await asyncio.gather(*(_loaded(app, w, gate, deadline) for w in asked))
+    models: dict[str, dict[str, Any]] = {}
+    for entries in answers:
+        for name, entry in entries:
+            if visible(request, name):
+                models.setdefault(name, entry)
+    for model, count in app[MODELS_IN_FLIGHT].items():
+        if count > 0 and model not in models and visible(request, model):
+            models[model] = _in_flight(model)
+    return json_response({"models": [models[name] for name in sorted(models)]})
+
+
+async def _loaded(
+    app: web.Application, worker: WorkerHandle, gate: asyncio.Semaphore, deadline: float
+) -> list[tuple[str, dict[str, Any]]]:
+    """The entries of one worker's ``/api/ps``, by model name; none when it cannot say."""
+    async with gate:
+        try:
+            body = await ask_worker(
+                app, worker, LOADED_MODELS_PATH, deadline=deadline, limit=PS_MAX_BYTES
+            )
+            return _entries(body)
+        except AskFailed as exc:
+            log.debug("ps_worker_skipped", worker_id=worker.id, reason=str(exc))
+            return []
+
+
+def _entries(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """The models of an Ollama ``/api/ps`` answer, each with its name (``name`` or ``model``)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise AskFailed("the answer is not JSON") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise AskFailed("the answer is not an Ollama model list")
+    entries = []
+    for entry in models:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("name") or entry.get("model")
+        if isinstance(name, str) and name:
+            entries.append((name, {**entry, "name": name, "model": entry.get("model") or name}))
+    return entries
+
+
+def _in_flight(model: str) -> dict[str, Any]:
+    """An ``/api/ps`` entry for a model being served by a backend that does not list its own."""
+    return {
+        "name": model,
+        "model": model,
+        "size": 0,
+        "digest": _digest(model),
+        "details": _details(),
+        "expires_at": _iso(time.time() + 300),
+        "size_vram": 0,
+    }
 
 
 #: What a backend's paths say a model can do, in ``/api/show``'s ``capabilities``.

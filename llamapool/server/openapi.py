@@ -331,7 +331,7 @@ def build_document(cfg: ServeConfig) -> Schema:
     b.add(
         "get",
         "/api/ps",
-        "The models with requests in flight, Ollama's way.",
+        "The models Ollama backends hold in memory and those with requests in flight, merged.",
         _json(_ref("Tags"), "The models."),
         protected=True,
         ollama=True,

@@ -56,7 +56,7 @@ class Link(Protocol):
 
     async def cancel(self, request_id: str) -> None: ...
 
-    async def grant(self, request_id: str, amount: int) -> None: ...
+    def grant_soon(self, request_id: str, amount: int) -> None: ...
 
     def close_soon(self, reason: str) -> None: ...
 
@@ -80,6 +80,9 @@ class WorkerHandle:
     protocol: int = 0
     #: The worker process's secret (see ``Register.instance``); empty for a Go worker.
     instance: str = attrs.field(default="", repr=False)
+    #: The name of the worker key it connected with (never the key): ``anonymous`` for
+    #: ``WORKER_KEY`` keys and in a pool without worker keys.
+    credential: str = "anonymous"
     inflight: int = 0
     #: Set when the worker said it is draining: it finishes its requests but takes no more.
     draining: bool = False

@@ -4,7 +4,9 @@ Three structures follow every worker: the pool (who takes the next request), the
 the state API, the metrics) and the scheduler (requests waiting for a worker). Each lifecycle
 event must reach all three, in order, wherever it happens (a register, a models update, a
 socket closing, an eviction); callers tell the registry what happened and it keeps them
-consistent. A worker leaves once: whichever of eviction and its socket closing comes first
+consistent. What a worker may serve is what it advertises narrowed by its worker key's
+``models`` (see :meth:`WorkerKeyStore.permit`), at register, on a models update and when a reload
+changes the key. A worker leaves once: whichever of eviction and its socket closing comes first
 does the work, the other finds nothing to do.
 """
 
@@ -18,6 +20,7 @@ from llamapool.protocol import STATUS_DRAINING, STATUS_NOT_READY, STATUS_READY
 from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.server.scheduler import Scheduler
 from llamapool.server.state import PoolState
+from llamapool.server.worker_keys import WorkerKeyStore
 
 log = structlog.get_logger("llamapool.server")
 
@@ -25,16 +28,26 @@ log = structlog.get_logger("llamapool.server")
 class Registry:
     """Tells the pool, the state and the scheduler about every worker event."""
 
-    def __init__(self, pool: Pool, state: PoolState, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        state: PoolState,
+        scheduler: Scheduler,
+        *,
+        worker_keys: WorkerKeyStore | None = None,
+    ) -> None:
         self.pool = pool
         self.state = state
         self.scheduler = scheduler
+        self.worker_keys = worker_keys if worker_keys is not None else WorkerKeyStore()
+        self.worker_keys.on_models_changed = self.set_models
 
     def join(self, worker: WorkerHandle) -> WorkerHandle | None:
         """A worker registered; returns the connection of the same worker it replaces.
 
         Raises :class:`~llamapool.errors.WorkerIdInUseError` when another worker holds the id.
         """
+        worker.models = self.worker_keys.permit(worker, worker.models)
         replaced = self.pool.add(worker)
         self.state.worker_joined(worker)
         self.state.models_changed()
@@ -52,8 +65,8 @@ class Registry:
         return True
 
     def set_models(self, worker: WorkerHandle, models: Iterable[str]) -> None:
-        """A connected worker's backend now serves ``models``."""
-        self.pool.set_models(worker, models)
+        """A connected worker's backend now serves ``models`` (or its key changed)."""
+        self.pool.set_models(worker, self.worker_keys.permit(worker, models))
         self.state.models_changed()
         self.scheduler.dispatch()
 

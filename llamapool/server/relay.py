@@ -10,6 +10,9 @@ response instead (see :mod:`llamapool.server.stream`).
 A Responses API request that follows up a stored response (``previous_response_id``) is pinned
 to the worker that produced it (see :mod:`llamapool.server.affinity`): it is never queued for,
 nor retried on, another worker.
+
+:func:`ask_worker` is the pool's own request to one given worker, for an answer it builds from
+its workers' (``/api/ps``).
 """
 
 from __future__ import annotations
@@ -444,3 +447,66 @@ async def _exchange(
         if not exchange.worker_ended:
             await link.cancel(wire_id)
         link.forget(wire_id)
+
+
+class AskFailed(Exception):
+    """A worker could not answer a request the pool made of it; the message says why."""
+
+
+async def ask_worker(
+    app: web.Application, worker: WorkerHandle, path: str, *, deadline: float, limit: int
+) -> bytes:
+    """``GET path`` on one given worker, for an answer the pool builds from its workers' own
+    (``/api/ps``): the whole body of a 2xx answer, or :class:`AskFailed`.
+
+    The request takes a slot on the worker, as a client's does, but is never queued nor
+    retried: a worker that is full, draining, or does not serve ``path`` is not asked. It
+    fails once the loop's clock passes ``deadline`` or the body passes ``limit`` bytes, which
+    is held to the link's flow window: the first credit suffices, none is ever granted.
+    """
+    if worker.link.window:
+        limit = min(limit, worker.link.window)
+    try:
+        app[POOL].acquire_worker(worker, path)
+    except RoutingError as exc:
+        raise AskFailed(str(exc)) from None
+    link = worker.link
+    exchange = link.open()
+    wire_id = exchange.request_id
+    headers = {"Accept": "application/json"}
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id:
+        headers[REQUEST_ID] = str(request_id)
+    try:
+        try:
+            await link.send_request(
+                ProxyRequest(request_id=wire_id, method="GET", path=path, headers=headers), b""
+            )
+        except (ConnectionError, RuntimeError):
+            raise AskFailed("the worker disconnected") from None
+        status, body = 0, bytearray()
+        while True:
+            try:
+                event = await exchange.next(deadline)
+            except TimeoutError:
+                raise AskFailed("the worker did not answer in time") from None
+            if isinstance(event, ResponseHeaders):
+                status = event.status
+            elif isinstance(event, (bytes, memoryview)):
+                body += event
+                if len(body) > limit:
+                    raise AskFailed(f"the answer is larger than {limit} bytes")
+                if link.window:
+                    link.grant_soon(wire_id, len(event))
+            elif isinstance(event, Ended) and event.error is None:
+                break
+            else:
+                raise AskFailed(failure(event))
+        if not 200 <= status <= 299:
+            raise AskFailed(f"the backend answered HTTP {status}")
+        return bytes(body)
+    finally:
+        if not exchange.worker_ended:
+            await link.cancel(wire_id)
+        link.forget(wire_id)
+        app[SCHEDULER].release(worker)

@@ -350,6 +350,7 @@ def _worker(
         "build_sha": h.build_sha,
         "build_date": h.build_date,
         "backend": h.backend,
+        "key": h.credential,
         "models_supported": sorted(h.models),
         "max_concurrency": h.max_concurrency,
         "processed_total": processed,

@@ -16,6 +16,7 @@ import attrs
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from llamapool.headers import RECOMPUTED, allowed_response_headers, forwardable
 from llamapool.protocol import ResponseHeaders
@@ -52,8 +53,9 @@ class Deadlines:
     end: float
     idle: float
 
-    def next_wait(self) -> float:
-        return min(self.end, asyncio.get_running_loop().time() + self.idle)
+    def next_wait(self, since: float) -> float:
+        """When to stop waiting for a worker last heard from at loop time ``since``."""
+        return min(self.end, since + self.idle)
 
     def why(self) -> str:
         if asyncio.get_running_loop().time() >= self.end:
@@ -83,33 +85,29 @@ async def stream_back(
         forwardable(check_headers(first.headers).items(), RECOMPUTED)
     )
     response = web.StreamResponse(status=first.status, headers=headers)
-    scanner = UsageScanner() if usage else None
-    consumed = 0
-    written = False
+    body = _Body(exchange, link, window, UsageScanner() if usage else None, response_id)
+    loop = asyncio.get_running_loop()
     # A write waits while the client's socket is full: REQUEST_TIMEOUT must bound that too.
-    stalled = asyncio.get_running_loop().call_at(deadlines.end + STALL_GRACE, _cut_off, request)
+    stalled = loop.call_at(deadlines.end + STALL_GRACE, _cut_off, request)
     try:
         await response.prepare(request)
         event: Event
+        heard = loop.time()  # when the worker was last heard from
         while True:
             try:
-                event = await exchange.next(deadlines.next_wait())
+                event = await exchange.next(deadlines.next_wait(heard))
             except TimeoutError:
+                if exchange.last_sunk > heard and loop.time() < deadlines.end:
+                    heard = exchange.last_sunk  # chunks went straight through meanwhile
+                    continue
                 event = Broken(deadlines.why())
+            heard = loop.time()
             if not isinstance(event, (bytes, memoryview)):
                 break
-            if scanner is not None:
-                scanner.feed(event)
-            if response_id is not None:
-                response_id.feed(event)
-            await response.write(event)  # waits while the client's socket is full
-            written = True
-            if window:
-                consumed += len(event)
-                if consumed >= window // 2:
-                    await link.grant(exchange.request_id, consumed)
-                    consumed = 0
-        trace.usage = scanner.usage() if scanner is not None else None
+            await body.write(response, [event, *exchange.queued_chunks()])
+            body.arm(request, response)
+        exchange.sink = None
+        trace.usage = body.usage()
         if isinstance(event, Ended) and event.error is None:
             await response.write_eof()
             trace.outcome = SUCCESS if first.status < 400 else ERROR
@@ -117,13 +115,109 @@ async def stream_back(
                 trace.error = f"backend answered HTTP {first.status}"
         else:
             trace.error = failure(event)
-            await _end_with_error(request, response, trace.error, written=written)
+            await _end_with_error(request, response, trace.error, written=body.written)
     except ConnectionResetError:  # the client left; the caller cancels the worker's job
         trace.outcome = CANCELLED
         log.info("client_disconnected", path=request.path)
     finally:
+        exchange.sink = None
         stalled.cancel()
     return response
+
+
+class _Body:
+    """The body of one response on its way to the client: scanned for usage (and a Responses
+    id), credited back to a flow-controlled worker, and written either by the handler or,
+    while the client keeps up, straight from the worker's reader (see :mod:`.exchange`)."""
+
+    __slots__ = (
+        "_consumed",
+        "_exchange",
+        "_link",
+        "_response_id",
+        "_scanner",
+        "_window",
+        "written",
+    )
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        link: Link,
+        window: int,
+        scanner: UsageScanner | None,
+        response_id: ResponseIdScanner | None,
+    ) -> None:
+        self._exchange = exchange
+        self._link = link
+        self._window = window
+        self._scanner = scanner
+        self._response_id = response_id
+        self._consumed = 0
+        self.written = False
+
+    def usage(self) -> Usage | None:
+        return self._scanner.usage() if self._scanner is not None else None
+
+    def _read(self, chunk: bytes | memoryview) -> None:
+        """What every chunk goes through, whichever path writes it."""
+        if self._scanner is not None:
+            self._scanner.feed(chunk)
+        if self._response_id is not None:
+            self._response_id.feed(chunk)
+
+    def _credit(self, size: int) -> None:
+        """``size`` more bytes are with the client's socket: the worker may send as many more."""
+        if self._window:
+            self._consumed += size
+            if self._consumed >= self._window // 2:
+                self._link.grant_soon(self._exchange.request_id, self._consumed)
+                self._consumed = 0
+
+    async def write(self, response: web.StreamResponse, chunks: list[bytes | memoryview]) -> None:
+        """The handler's path: several queued chunks leave in one write; they are credited
+        once written (the write waits while the client's socket is full)."""
+        for chunk in chunks:
+            self._read(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        await response.write(data)
+        self.written = True
+        self._credit(len(data))
+
+    def arm(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Let the next chunks go straight to the client's socket while it keeps up.
+
+        The headers have left with the first chunk by now. Only a plain body qualifies: no
+        compression (the pool never compresses; this is a guard).
+        """
+        if self._exchange.sink is not None:
+            return
+        writer = response._payload_writer  # aiohttp's; its byte count feeds the access log
+        protocol = request.protocol
+        transport = request.transport
+        if not isinstance(writer, StreamWriter) or transport is None or writer._compress:
+            return
+        chunked = writer.chunked
+        exchange = self._exchange
+        loop = asyncio.get_running_loop()
+
+        def sink(chunk: bytes | memoryview) -> bool:
+            if protocol.writing_paused or transport.is_closing():
+                return False  # queue it: the handler writes it once the client drains
+            self._read(chunk)
+            size = len(chunk)
+            self._credit(size)
+            if chunked:
+                data = b"".join((b"%x\r\n" % size, chunk, b"\r\n"))
+                transport.write(data)
+                writer.output_size += len(data)
+            else:
+                transport.write(chunk)
+                writer.output_size += size
+            exchange.last_sunk = loop.time()
+            return True
+
+        exchange.sink = sink
 
 
 def _cut_off(request: web.Request) -> None:

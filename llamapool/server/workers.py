@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from llamapool.log import Throttle
 from llamapool.protocol import (
     CLOSE_ID_IN_USE,
     CLOSE_INVALID_MESSAGES,
+    CLOSE_KEY_FULL,
     CLOSE_POLICY,
     FEATURE_BINARY_FRAMES,
     FEATURE_FLOW_CONTROL,
@@ -32,27 +32,19 @@ from llamapool.protocol import (
     ResponseHeaders,
     StatusUpdate,
 )
-from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, REGISTRY, SOCKETS
+from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, REGISTRY, SOCKETS, WORKER_KEYS
+from llamapool.server.keyfile import WorkerKey
 from llamapool.server.link import WorkerLink
 from llamapool.server.mcp_relays import serve_relay
 from llamapool.server.pool import WorkerHandle
 from llamapool.server.registry import Registry
 from llamapool.server.validate import MAX_REGISTER_BYTES, Invalid, check_models, check_register
+from llamapool.server.worker_keys import WorkerKeyStore
 
 log = structlog.get_logger("llamapool.server")
 
 #: Room for protocol overhead on top of the largest body a frame may carry.
 _FRAME_SLACK = 1024 * 1024
-
-
-def key_matches(given: str, keys: tuple[str, ...]) -> bool:
-    """Constant-time check of ``given`` against every accepted key."""
-    # A header that is not UTF-8 arrives surrogate-escaped: compare it, never fail on it.
-    given_b = given.encode("utf-8", "surrogatepass")
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(given_b, key.encode("utf-8", "surrogatepass"))
-    return found
 
 
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
@@ -70,39 +62,44 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     sockets.add(ws)
     try:
-        register = await _admit(ws, cfg, throttle)
-        if register is not None and register.kind == "mcp":  # an MCP relay, not a worker
-            await serve_relay(request.app, ws, register)
-        elif register is not None:
-            await _session(request.app, ws, register)
+        admitted = await _admit(ws, cfg, request.app[WORKER_KEYS], throttle)
+        if admitted is not None:
+            register, key = admitted
+            if register.kind == "mcp":  # an MCP relay, not a worker
+                await serve_relay(request.app, ws, register)
+            else:
+                await _session(request.app, ws, register, key)
     finally:
         sockets.discard(ws)
     return ws
 
 
 async def _admit(
-    ws: web.WebSocketResponse, cfg: ServeConfig, throttle: Throttle
-) -> Register | None:
-    """The worker's register message if its key and its strings are acceptable; otherwise the
-    socket is closed with 1008 and a reason (logged once per reason and interval: anyone can
-    open worker sockets)."""
+    ws: web.WebSocketResponse, cfg: ServeConfig, keys: WorkerKeyStore, throttle: Throttle
+) -> tuple[Register, WorkerKey] | None:
+    """The worker's register message and its key, if both and its strings are acceptable;
+    otherwise the socket is closed with 1008 and a reason (logged once per reason and interval:
+    anyone can open worker sockets). A disabled or expired key is refused like a wrong one."""
     register = await _receive_register(ws, cfg.register_timeout, throttle)
     if register is None:
         return None
-    if cfg.worker_keys and not key_matches(register.key, cfg.worker_keys):
+    key = keys.authenticate(register.key)
+    if key is None:
         throttle.log(log.warning, "worker_rejected", reason="bad_worker_key")
         await ws.close(code=CLOSE_POLICY, message=REASON_UNAUTHORIZED.encode())
         return None
     try:
-        return check_register(register, max_models=cfg.max_models_per_worker)
+        return check_register(register, max_models=cfg.max_models_per_worker), key
     except Invalid as exc:
         throttle.log(log.warning, "worker_rejected", reason=str(exc))
         await ws.close(code=CLOSE_POLICY, message=str(exc).encode()[:120])
         return None
 
 
-async def _session(app: web.Application, ws: web.WebSocketResponse, register: Register) -> None:
-    """A registered worker: in the pool until its socket closes."""
+async def _session(
+    app: web.Application, ws: web.WebSocketResponse, register: Register, key: WorkerKey
+) -> None:
+    """A registered worker: in the pool until its socket closes, or its key is revoked."""
     features = sorted(set(register.features) & set(FEATURES))
     link = WorkerLink(
         ws,
@@ -123,10 +120,25 @@ async def _session(app: web.Application, ws: web.WebSocketResponse, register: Re
         protocol=register.protocol,
         instance=register.instance,
     )
-    registry = app[REGISTRY]
+    registry, worker_keys = app[REGISTRY], app[WORKER_KEYS]
+    closing: list[asyncio.Future[bool]] = []
+
+    def revoke(code: int, reason: str) -> None:
+        registry.leave(worker)  # no new requests from this instant
+        closing.append(asyncio.ensure_future(ws.close(code=code, message=reason.encode())))
+
+    grant = worker_keys.grant(key, worker, revoke)
+    if grant is None:
+        reason = f"worker key {key.name!r} has its max_workers ({key.max_workers}) connected"
+        app[LOG_THROTTLE].log(
+            log.warning, "worker_rejected", reason="max_workers", credential=key.name
+        )
+        await ws.close(code=CLOSE_KEY_FULL, message=reason.encode()[:120])
+        return
     try:
         replaced = registry.join(worker)
     except WorkerIdInUseError:
+        worker_keys.release(grant)
         reason = f"worker id {worker.id!r} is in use by another connected worker"
         app[LOG_THROTTLE].log(log.warning, "worker_rejected", reason="worker_id_in_use")
         await ws.close(code=CLOSE_ID_IN_USE, message=reason.encode()[:120])
@@ -139,6 +151,7 @@ async def _session(app: web.Application, ws: web.WebSocketResponse, register: Re
         "worker_registered",
         worker_id=worker.id,
         worker_name=worker.name,
+        credential=key.name,
         models=len(worker.models),
         max_concurrency=worker.max_concurrency,
         backend=worker.backend or "unknown",
@@ -148,6 +161,7 @@ async def _session(app: web.Application, ws: web.WebSocketResponse, register: Re
         max_models = app[CONFIG].max_models_per_worker
         await _serve(ws, worker, link, registry, max_models=max_models)
     finally:
+        worker_keys.release(grant)
         registry.leave(worker)
         registry.state.metrics.worker_messages_ignored.inc(link.ignored)
         link.break_all("worker disconnected")

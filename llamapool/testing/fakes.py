@@ -11,6 +11,7 @@ how many TCP connections.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "create_fake_vllm_app",
     "create_replay_app",
     "fake_log",
+    "loaded_model",
     "serve_app",
     "tool_call_chat",
 ]
@@ -132,16 +134,53 @@ def _responder(models: Sequence[str], chunk_delay: float) -> EchoResponder:
 
 
 def create_fake_ollama_app(
-    *, models: Sequence[str] = ("llama3:8b",), chunk_delay: float = 0.0, api_key: str = ""
+    *,
+    models: Sequence[str] = ("llama3:8b",),
+    chunk_delay: float = 0.0,
+    api_key: str = "",
+    loaded: Sequence[str] | None = None,
 ) -> web.Application:
     """Ollama: its native ``/api/*`` and its OpenAI- and Anthropic-compatible ``/v1/*`` at
     their usual paths (no rerank, audio or images: those answer 404, as on Ollama).
 
-    Ollama has no API key of its own; ``api_key`` imitates one behind an authenticating proxy.
+    ``GET /api/ps`` lists ``loaded`` (default: every model) as loaded in memory, with the
+    fields Ollama reports (see :func:`loaded_model`). Ollama has no API key of its own;
+    ``api_key`` imitates one behind an authenticating proxy.
     """
     app = _app(api_key, {"error": "unauthorized"})
-    _responder(models, chunk_delay).add_routes(app, OLLAMA_SERVES)
+    echo = _responder(models, chunk_delay)
+    echo.add_routes(app, OLLAMA_SERVES)
+    in_memory = echo.options.models if loaded is None else tuple(loaded)
+
+    async def api_ps(request: web.Request) -> web.Response:
+        body = orjson.dumps({"models": [loaded_model(m) for m in in_memory]})
+        return web.Response(body=body, content_type="application/json")
+
+    app.router.add_get("/api/ps", api_ps)
     return app
+
+
+def loaded_model(model: str) -> dict[str, Any]:
+    """The entry the fake Ollama's ``/api/ps`` gives ``model``: an 8B Q4_0 model held whole in
+    VRAM until a fixed time, as Ollama reports one."""
+    size = 4_920_753_328
+    return {
+        "name": model,
+        "model": model,
+        "size": size,
+        "digest": hashlib.sha256(model.encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "8.0B",
+            "quantization_level": "Q4_0",
+        },
+        "expires_at": "2030-01-01T00:05:00Z",
+        "size_vram": size,
+        "context_length": 4096,
+    }
 
 
 def create_fake_vllm_app(

@@ -331,6 +331,55 @@
     setText(field("models-total"), models.length === 1 ? "1 model" : `${models.length} models`);
   }
 
+  /** MCP endpoints and their relays; every string came from a relay, so only as text. */
+  function renderMcp(endpoints) {
+    const rows = endpoints.map((e) => {
+      const id = String(e.id);
+      const relays = Array.isArray(e.relays) ? e.relays : [];
+      const tr = el("tr");
+      tr.dataset.mcpId = id;
+      const name = el("span", "cell");
+      name.append(el("span", "chip", id));
+      if (e.token_required) {
+        const lock = el("span", "mcp-token", "token");
+        lock.title = "clients also need X-MCP-Token";
+        name.append(lock);
+      }
+      const chips = relays.map((r) => {
+        const status = String(r.status);
+        const chip = el("span", "chip mcp-relay", String(r.name));
+        chip.dataset.status = status;
+        const load = `${fmtInt(r.sessions)} / ${fmtInt(r.max_sessions)} sessions`;
+        chip.title = [status, load, r.version && `v${r.version}`].filter(Boolean).join(" · ");
+        return chip;
+      });
+      const cells = [
+        ["id", "Endpoint", name],
+        ["relays", "Relays", chips.length ? chips : [el("span", "muted", "none")]],
+        ["sessions", "Sessions", fmtInt(e.sessions)],
+        ["calls", "Calls in flight", fmtInt(e.calls_in_flight)],
+      ];
+      for (const [key, label, content] of cells) {
+        const td = el("td", key === "sessions" || key === "calls" ? "num" : "");
+        td.dataset.field = key;
+        td.dataset.label = label;
+        if (content instanceof Node) td.append(content);
+        else {
+          const cell = el("span", "cell");
+          cell.append(...(Array.isArray(content) ? content : [content]));
+          td.append(cell);
+        }
+        tr.append(td);
+      }
+      return tr;
+    });
+    document.querySelector("#mcp tbody").replaceChildren(...rows);
+    document.getElementById("mcp").hidden = endpoints.length === 0;
+    document.getElementById("mcp-empty").hidden = endpoints.length > 0;
+    const count = endpoints.length;
+    setText(field("mcp-total"), count === 1 ? "1 endpoint" : `${count} endpoints`);
+  }
+
   function render(snapshot) {
     view.snapshot = snapshot;
     view.serverNow = Date.parse(snapshot.server?.now) || Date.now();
@@ -365,6 +414,7 @@
 
     renderWorkers(workers);
     renderModels(models, workers);
+    renderMcp(Array.isArray(snapshot.mcp_endpoints) ? snapshot.mcp_endpoints : []);
     tick();
   }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llamapool.plugin_api import (
+    LOADED_MODELS_PATH,
     OLLAMA_PATHS,
     Backend,
     BackendError,
@@ -38,7 +39,8 @@ class OllamaBackend(Backend):
     is sent as a bearer token.
     """
 
-    paths: ClassVar[frozenset[str]] = OLLAMA_PATHS | COMPATIBLE_PATHS
+    #: ``/api/ps`` too: the server asks it what this Ollama holds in memory.
+    paths: ClassVar[frozenset[str]] = OLLAMA_PATHS | COMPATIBLE_PATHS | {LOADED_MODELS_PATH}
     default_url: ClassVar[str] = "http://127.0.0.1:11434"
 
     async def list_models(self, http: aiohttp.ClientSession) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from llamapool.plugin_api import OLLAMA_PATHS, BackendError, BackendSettings
+from llamapool.plugin_api import LOADED_MODELS_PATH, OLLAMA_PATHS, BackendError, BackendSettings
 from llamapool.testing import create_broken_app, create_fake_ollama_app, fake_log
 from llamapool.worker.loader import available, load_backend
 from llamapool_ollama import OllamaBackend
@@ -97,6 +97,7 @@ async def test_list_models_raises_on_a_bad_answer(
 
 
 SERVED = OLLAMA_PATHS | {
+    LOADED_MODELS_PATH,
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
@@ -106,8 +107,8 @@ SERVED = OLLAMA_PATHS | {
 
 
 def test_serves_the_ollama_and_its_compatible_paths() -> None:
-    """Ollama serves every Ollama-native path and the OpenAI and Anthropic ones it implements,
-    not audio, images or rerank."""
+    """Ollama serves every Ollama-native path (its loaded models too) and the OpenAI and
+    Anthropic ones it implements, not audio, images or rerank."""
     assert SERVED == OllamaBackend.paths
 
 
