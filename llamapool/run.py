@@ -18,6 +18,7 @@ from aiohttp import web
 
 from llamapool.backends.demo import DEMO_MODELS, DemoBackend
 from llamapool.config import ServeConfig, WorkConfig
+from llamapool.dialout import draining_on_signals
 from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import create_app, create_metrics_app, drain
@@ -145,26 +146,16 @@ async def work(cfg: WorkConfig) -> None:
     backend = backend_cls(BackendSettings(url=cfg.backend_url, api_key=cfg.backend_api_key))
     agent = Agent(cfg, backend, backend_name=cfg.backend)
     running = asyncio.ensure_future(agent.run())
-    draining: list[asyncio.Task[None]] = []
-
-    async def drain() -> None:
-        await agent.drain(cfg.drain_timeout)
-        running.cancel()
-
-    def on_signal() -> None:
-        if draining or cfg.drain_timeout == 0:
-            running.cancel()
-        else:
-            draining.append(asyncio.ensure_future(drain()))
-
-    _on_signals(on_signal)
-    async with serving_status(agent) as urls:
+    async with (
+        draining_on_signals(
+            running, lambda: agent.drain(cfg.drain_timeout), timeout=cfg.drain_timeout
+        ),
+        serving_status(agent) as urls,
+    ):
         for url in urls:
             log.info("status_listening", url=url)
         with contextlib.suppress(asyncio.CancelledError):
             await running
-    for task in draining:
-        task.cancel()
     log.info("worker_stopped")
 
 

@@ -1,7 +1,8 @@
 """The relay: dial out to the server, register an MCP endpoint, carry sessions both ways.
 
-Like a worker it reconnects forever with capped exponential backoff and jitter, heartbeats,
-and drains on request: it takes no new session, lets the calls in flight finish, then leaves.
+Like a worker it stays connected through a :class:`~llamapool.dialout.Dialer` (backoff,
+heartbeats, dead-link detection, close codes), and drains on request: it takes no new
+session, lets the calls in flight finish, then leaves.
 Each session the server opens gets a :class:`~llamapool.mcp.transport.Channel` of its own;
 when the link to the server drops, every session ends (the server has ended them too).
 """
@@ -11,26 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import random
 import secrets
-import time
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 
 from llamapool import protocol
 from llamapool.build import build_info
-from llamapool.errors import ConfigError, McpUpstreamError, ProtocolError
+from llamapool.dialout import Dialer, DialSettings, Socket
+from llamapool.errors import McpUpstreamError, ProtocolError
 from llamapool.mcp.config import McpConfig
 from llamapool.mcp.transport import Channel, Transport
 from llamapool.protocol import (
-    CLOSE_POLICY,
     PROTOCOL_VERSION,
-    REASON_UNAUTHORIZED,
     STATUS_DRAINING,
-    Heartbeat,
     McpClose,
     McpMessage,
     McpOpen,
@@ -39,13 +35,8 @@ from llamapool.protocol import (
     Registered,
     StatusUpdate,
 )
-from llamapool.tls import client_context
 
 log = structlog.get_logger("llamapool.mcp")
-
-_MAX_MESSAGE = 64 * 1024 * 1024
-_CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
-_STABLE = 30.0
 
 
 class RelaySession:
@@ -133,7 +124,10 @@ class RelaySession:
 
 
 class McpRelay:
-    """One ``llamapool mcp`` process's link to the server."""
+    """One ``llamapool mcp`` process's link to the server: the
+    :class:`~llamapool.dialout.Peer` of a dialer that keeps it connected."""
+
+    role = "relay"
 
     def __init__(self, cfg: McpConfig, transport: Transport) -> None:
         self.cfg = cfg
@@ -145,8 +139,8 @@ class McpRelay:
         self.registered = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
-        self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
-        self._tls = client_context(ca_file=cfg.ca_file, insecure=cfg.tls_insecure)
+        self.last_error = ""
+        self.dialer = Dialer(DialSettings.of(cfg), self)
 
     @property
     def calls(self) -> int:
@@ -160,29 +154,11 @@ class McpRelay:
 
     async def run(self) -> None:
         """Serve until cancelled (or drained), reconnecting with backoff and jitter."""
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.server_timeout)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as http:
-                attempt = 0
-                while True:
-                    started = time.monotonic()
-                    try:
-                        await self._connection(http)
-                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                        log.warning("server_unreachable", url=self.cfg.server_url, error=str(exc))
-                    if self._drained():
-                        break
-                    if time.monotonic() - started > _STABLE:
-                        attempt = 0
-                    delay = min(self.cfg.reconnect_max, 0.5 * 2**attempt)
-                    attempt += 1
-                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            await self.dialer.run()
         finally:
             await self._end_sessions("the relay stopped")
             await self.transport.close()
-
-    def _drained(self) -> bool:
-        return self.draining
 
     async def drain(self, timeout: float) -> bool:
         """Take no new session, let calls in flight finish (``timeout`` -1: as long as it
@@ -196,19 +172,13 @@ class McpRelay:
         if self.calls:
             finished = False
             log.warning("drain_timeout", calls=self.calls)
-        ws = self._ws
-        if ws is not None:
-            await ws.close(code=1001, message=b"relay draining")
+        await self.dialer.close(1001, "relay draining")
         return finished
 
     async def send(self, message: Message) -> None:
-        ws = self._ws
-        if ws is None or ws.closed:
-            return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await ws.send_str(protocol.encode(message))
+        await self.dialer.send(message)
 
-    def _register(self) -> Register:
+    def register(self) -> Register:
         token = self.cfg.token
         return Register(
             worker_name=self.cfg.name,
@@ -226,73 +196,46 @@ class McpRelay:
             mcp_call_timeout=round(self.cfg.call_timeout),
         )
 
-    async def _connection(self, http: aiohttp.ClientSession) -> None:
-        async with http.ws_connect(
-            self.cfg.server_url,
-            max_msg_size=_MAX_MESSAGE,
-            heartbeat=self.cfg.server_timeout * 2 / 3,
-            ssl=self._tls,
-        ) as ws:
-            self._ws = ws
-            await ws.send_str(protocol.encode(self._register()))
-            heartbeat = asyncio.create_task(self._heartbeats(ws))
-            try:
-                reason = await self._receive(ws)
-            finally:
-                self._ws = None
-                self.registered.clear()
-                heartbeat.cancel()
-                await asyncio.gather(heartbeat, return_exceptions=True)
-                await self._end_sessions("the link to the server dropped")
-            code = ws.close_code
-            if code == CLOSE_POLICY and reason == REASON_UNAUTHORIZED:
-                raise ConfigError(f"the server rejected this relay: {reason}")
-            if code == CLOSE_POLICY:
-                log.error("relay_refused", code=code, reason=reason)
-            else:
-                log.warning("server_disconnected", code=code, reason=reason)
+    # --- Peer: the server connection --------------------------------------------------------
 
-    async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            while not ws.closed:
-                await ws.send_str(protocol.encode(Heartbeat(ts=int(time.time()))))
-                await asyncio.sleep(self.cfg.heartbeat_interval)
+    async def on_connect(self, ws: Socket) -> None:
+        pass
 
-    async def _receive(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> str:
-        while True:
-            msg = await ws.receive()
-            if msg.type == aiohttp.WSMsgType.ERROR:
-                return str(msg.data)
-            if msg.type in _CLOSED:
-                return str(msg.extra or "") if msg.type == aiohttp.WSMsgType.CLOSE else ""
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            try:
-                message = protocol.decode(msg.data)
-            except ProtocolError as exc:
-                log.warning("server_message_ignored", reason=str(exc))
-                continue
-            match message:
-                case McpOpen(session=session_id):
-                    await self._open(session_id)
-                case McpMessage(session=session_id, data=data):
-                    session = self.sessions.get(session_id)
-                    if session is not None and not session.closing:
-                        session.inbox.put_nowait(data)
-                case McpClose(session=session_id, reason=reason):
-                    session = self.sessions.get(session_id)
-                    if session is not None:
-                        session.close(reason)
-                case Registered():
-                    log.info(
-                        "relay_registered",
-                        mcp_id=self.cfg.mcp_id,
-                        transport=self.transport.name,
-                        url=self.cfg.server_url,
-                    )
-                    self.registered.set()
-                case _:
-                    pass
+    async def on_disconnect(self) -> None:
+        self.registered.clear()
+        await self._end_sessions("the link to the server dropped")
+
+    async def on_binary(self, data: bytes) -> None:
+        pass  # the relay protocol is JSON only
+
+    async def on_text(self, text: str) -> None:
+        """A session opened, a message for one, a session closed, the register's answer."""
+        try:
+            message = protocol.decode(text)
+        except ProtocolError as exc:
+            log.warning("server_message_ignored", reason=str(exc))
+            return
+        match message:
+            case McpOpen(session=session_id):
+                await self._open(session_id)
+            case McpMessage(session=session_id, data=data):
+                session = self.sessions.get(session_id)
+                if session is not None and not session.closing:
+                    session.inbox.put_nowait(data)
+            case McpClose(session=session_id, reason=reason):
+                session = self.sessions.get(session_id)
+                if session is not None:
+                    session.close(reason)
+            case Registered():
+                log.info(
+                    "relay_registered",
+                    mcp_id=self.cfg.mcp_id,
+                    transport=self.transport.name,
+                    url=self.cfg.server_url,
+                )
+                self.registered.set()
+            case _:
+                pass
 
     async def _open(self, session_id: str) -> None:
         if self.draining or len(self.sessions) >= self.cfg.max_sessions:

@@ -61,10 +61,9 @@ class SseDecoder:
                 self._event = value
 
 
-class StreamableHttpTransport:
-    """Opens sessions with the MCP server at ``url``."""
-
-    name = "streamable_http"
+class HttpTransport:
+    """What the HTTP transports share: the server's URL, the headers and TLS settings to
+    reach it with, the message size limit, and one keep-alive client session for them all."""
 
     def __init__(
         self,
@@ -87,13 +86,19 @@ class StreamableHttpTransport:
             self._http = aiohttp.ClientSession(timeout=timeout)
         return self._http
 
-    async def open(self) -> HttpChannel:
-        return HttpChannel(self)
-
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+
+class StreamableHttpTransport(HttpTransport):
+    """Opens sessions with the MCP server at ``url``."""
+
+    name = "streamable_http"
+
+    async def open(self) -> HttpChannel:
+        return HttpChannel(self)
 
 
 class HttpChannel:

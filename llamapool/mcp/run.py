@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 
 import structlog
 
+from llamapool.dialout import draining_on_signals
 from llamapool.errors import ConfigError
 from llamapool.mcp.agent import McpRelay
 from llamapool.mcp.config import ONE_TRANSPORT, McpConfig
@@ -41,24 +41,9 @@ async def relay(cfg: McpConfig) -> None:
     """The relay until a signal: the first drains within ``drain_timeout``, a second stops."""
     agent = McpRelay(cfg, make_transport(cfg))
     running = asyncio.ensure_future(agent.run())
-    draining: list[asyncio.Task[None]] = []
-
-    async def drain() -> None:
-        await agent.drain(cfg.drain_timeout)
-        running.cancel()
-
-    def on_signal() -> None:
-        if draining or cfg.drain_timeout == 0:
-            running.cancel()
-        else:
-            draining.append(asyncio.ensure_future(drain()))
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):  # Windows
-            loop.add_signal_handler(sig, on_signal)
-    with contextlib.suppress(asyncio.CancelledError):
-        await running
-    for task in draining:
-        task.cancel()
+    async with draining_on_signals(
+        running, lambda: agent.drain(cfg.drain_timeout), timeout=cfg.drain_timeout
+    ):
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
     log.info("relay_stopped")

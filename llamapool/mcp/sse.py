@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -17,7 +16,7 @@ import orjson
 import structlog
 
 from llamapool.errors import McpUpstreamError
-from llamapool.mcp.http import SseDecoder
+from llamapool.mcp.http import HttpTransport, SseDecoder
 
 log = structlog.get_logger("llamapool.mcp")
 
@@ -27,41 +26,15 @@ ENDPOINT_TIMEOUT = 30.0
 POST_TIMEOUT = 30.0
 
 
-class SseTransport:
+class SseTransport(HttpTransport):
     """Opens sessions with the HTTP+SSE MCP server whose stream is at ``url``."""
 
     name = "sse"
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        headers: tuple[tuple[str, str], ...] = (),
-        tls: ssl.SSLContext | None = None,
-        max_message_bytes: int = 4 * 1024 * 1024,
-    ) -> None:
-        self.url = url
-        self.headers = dict(headers)
-        self.tls = tls
-        self.max_message_bytes = max_message_bytes
-        self._http: aiohttp.ClientSession | None = None
-
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        if self._http is None:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-            self._http = aiohttp.ClientSession(timeout=timeout)
-        return self._http
 
     async def open(self) -> SseChannel:
         channel = SseChannel(self)
         await channel.connect()
         return channel
-
-    async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
 
 
 class SseChannel:
