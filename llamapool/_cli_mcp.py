@@ -16,6 +16,7 @@ from llamapool import config_files
 from llamapool._cli_options import (
     apply_log_settings,
     config_fields,
+    dial_options,
     duration,
     env_file_option,
     field_default,
@@ -88,13 +89,7 @@ def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
 
 
 @click.command(context_settings={"show_default": True})
-@option(
-    "--server-url",
-    envvar="SERVER_URL",
-    default=field_default(McpConfig, "server_url"),
-    help="The server's worker WebSocket URL (ws:// or wss://).",
-)
-@secret("--worker-key", envvar="WORKER_KEY", help="Key to register with.")
+@dial_options(McpConfig, peer="relay")
 @option(
     "--id",
     envvar="MCP_ID",
@@ -203,40 +198,6 @@ def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
     field_default(McpConfig, "drain_timeout"),
     "On SIGTERM, time calls in flight get to finish (0: exit at once; -1: wait forever).",
     forever=True,
-)
-@duration(
-    "--reconnect-max",
-    "RECONNECT_MAX",
-    field_default(McpConfig, "reconnect_max"),
-    "Longest wait between two attempts to reach the server.",
-    zero=False,
-)
-@duration(
-    "--heartbeat-interval",
-    "HEARTBEAT_INTERVAL",
-    field_default(McpConfig, "heartbeat_interval"),
-    "Time between heartbeats (the server drops a relay silent for 15s).",
-    zero=False,
-)
-@duration(
-    "--server-timeout",
-    "SERVER_TIMEOUT",
-    field_default(McpConfig, "server_timeout"),
-    "Silence from the server after which the link is taken for dead.",
-    zero=False,
-)
-@option(
-    "--ca-file",
-    envvar="CA_FILE",
-    default="",
-    show_default=False,
-    help="PEM file of the CA(s) that signed the pool server's certificate.",
-)
-@option(
-    "--tls-insecure",
-    envvar="TLS_INSECURE",
-    is_flag=True,
-    help="Do not verify the pool server's certificate (self-signed test servers only).",
 )
 @option(
     "--config",

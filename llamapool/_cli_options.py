@@ -97,6 +97,63 @@ def log_options(*, log_dir_default: str = "") -> Callable[[F], F]:
     return decorate
 
 
+def dial_options(config: type, *, peer: str) -> Callable[[F], F]:
+    """The options of a command that dials out to the server (``work``, ``mcp``): where, with
+    which key, and how the connection is kept (see :mod:`llamapool.dialout`)."""
+    options = [
+        option(
+            "--server-url",
+            envvar="SERVER_URL",
+            default=field_default(config, "server_url"),
+            help="The server's worker WebSocket URL (ws:// or wss://).",
+        ),
+        secret("--worker-key", envvar="WORKER_KEY", help="Key to register with."),
+        duration(
+            "--reconnect-max",
+            "RECONNECT_MAX",
+            field_default(config, "reconnect_max"),
+            "Longest wait between two attempts to reach the server.",
+            zero=False,
+        ),
+        duration(
+            "--heartbeat-interval",
+            "HEARTBEAT_INTERVAL",
+            field_default(config, "heartbeat_interval"),
+            f"Time between heartbeats (the server drops a {peer} silent for 15s).",
+            zero=False,
+        ),
+        duration(
+            "--server-timeout",
+            "SERVER_TIMEOUT",
+            field_default(config, "server_timeout"),
+            "Silence from the server (no message, no pong to a ping) after which the link is "
+            f"taken for dead and the {peer} reconnects.",
+            zero=False,
+        ),
+        option(
+            "--ca-file",
+            envvar="CA_FILE",
+            default="",
+            show_default=False,
+            help="PEM file of the CA(s) that signed the server's certificate.  "
+            "[default: the system's]",
+        ),
+        option(
+            "--tls-insecure",
+            envvar="TLS_INSECURE",
+            is_flag=True,
+            help="Do not verify the server's certificate (self-signed test servers only).",
+        ),
+    ]
+
+    def decorate(f: F) -> F:
+        for each in reversed(options):
+            f = each(f)
+        return f
+
+    return decorate
+
+
 def config_fields(cls: type, params: Mapping[str, Any], **renamed: str) -> dict[str, Any]:
     """The options that are fields of ``cls``: each option is named after its field, except
     ``renamed`` ones (``--api-key`` fills ``api_keys``)."""

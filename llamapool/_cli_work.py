@@ -14,6 +14,7 @@ from llamapool import config_files
 from llamapool._cli_options import (
     apply_log_settings,
     config_fields,
+    dial_options,
     duration,
     env_file_option,
     field_default,
@@ -64,13 +65,7 @@ def work_settings(params: Mapping[str, Any]) -> WorkSettings:
 
 
 @click.command(context_settings={"show_default": True})
-@option(
-    "--server-url",
-    envvar="SERVER_URL",
-    default=field_default(WorkConfig, "server_url"),
-    help="The server's worker WebSocket URL (ws:// or wss://).",
-)
-@secret("--worker-key", envvar="WORKER_KEY", help="Key to register with.")
+@dial_options(WorkConfig, peer="worker")
 @option(
     "--backend",
     envvar="BACKEND",
@@ -143,41 +138,6 @@ def work_settings(params: Mapping[str, Any]) -> WorkSettings:
     field_default(WorkConfig, "probe_interval"),
     "Time between checks of the backend's health and models.",
     zero=False,
-)
-@duration(
-    "--reconnect-max",
-    "RECONNECT_MAX",
-    field_default(WorkConfig, "reconnect_max"),
-    "Longest wait between two attempts to reach the server.",
-    zero=False,
-)
-@duration(
-    "--heartbeat-interval",
-    "HEARTBEAT_INTERVAL",
-    field_default(WorkConfig, "heartbeat_interval"),
-    "Time between heartbeats (the server evicts a worker silent for 15s).",
-    zero=False,
-)
-@duration(
-    "--server-timeout",
-    "SERVER_TIMEOUT",
-    field_default(WorkConfig, "server_timeout"),
-    "Silence from the server (no message, no pong to a ping) after which the link is "
-    "taken for dead and the worker reconnects.",
-    zero=False,
-)
-@option(
-    "--ca-file",
-    envvar="CA_FILE",
-    default="",
-    show_default=False,
-    help="PEM file of the CA(s) that signed the server's certificate.  [default: the system's]",
-)
-@option(
-    "--tls-insecure",
-    envvar="TLS_INSECURE",
-    is_flag=True,
-    help="Do not verify the server's certificate (self-signed test servers only).",
 )
 @option(
     "--config",
