@@ -234,6 +234,13 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     default=field_default(ServeConfig, "max_connections"),
     help="Client connections at once; past that, slow ones are closed or new ones get 503.",
 )
+@option(
+    "--backlog",
+    envvar="BACKLOG",
+    type=click.IntRange(min=1),
+    default=field_default(ServeConfig, "backlog"),
+    help="Connections the listening socket queues for a burst (capped by net.core.somaxconn).",
+)
 @duration(
     "--header-timeout",
     "HEADER_TIMEOUT",

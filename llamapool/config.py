@@ -62,7 +62,12 @@ class ServeConfig:
     metrics_require_key: bool = False
     #: Client connections open at once, counted at accept; when full, the connection waiting
     #: longest for its request headers is closed to make room, or the new one answered 503.
-    max_connections: int = 1024
+    #: Sized for streaming: each open stream holds one (and a file descriptor, ~20 KiB).
+    max_connections: int = 12288
+    #: Connections the kernel queues on the listening socket until the server accepts them:
+    #: a burst of clients connecting at once past it sees dropped SYNs (a 1 s retry each).
+    #: The kernel caps it at ``net.core.somaxconn`` (4096 on Linux since 5.4).
+    backlog: int = 1024
     #: Seconds a client has to send a request's headers, from connecting (or, on a kept-alive
     #: connection, from the request's first byte).
     header_timeout: float = 5.0

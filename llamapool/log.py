@@ -9,6 +9,7 @@ key, but if it does, the value does not reach a terminal or a file.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import logging.handlers
@@ -52,10 +53,18 @@ class LogSettings:
     dir: Path | None = None
 
 
+@functools.lru_cache(maxsize=1024)
 def is_secret_name(name: str) -> bool:
-    """Whether a field named ``name`` may hold a credential (``worker_key``, ``Authorization``)."""
+    """Whether a field named ``name`` may hold a credential (``worker_key``, ``Authorization``).
+
+    Remembered: every log line asks it of each of its field names, and those are few.
+    """
     lowered = name.lower()
     return any(word in lowered for word in _SECRET_WORDS)
+
+
+#: Values that hold nothing nested: returned as they are, the common case of a log field.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -64,8 +73,12 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     Numbers are left alone: ``prompt_tokens=12`` is a count, not a credential.
     """
     for name, value in event_dict.items():
-        if name != "event":
-            event_dict[name] = _masked(value) if is_secret_name(name) else _redacted(value)
+        if name == "event":
+            continue
+        if is_secret_name(name):
+            event_dict[name] = _masked(value)
+        elif type(value) not in _PLAIN:
+            event_dict[name] = _redacted(value)
     return event_dict
 
 

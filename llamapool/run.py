@@ -25,10 +25,12 @@ from llamapool.server.app import create_app, create_metrics_app, drain
 from llamapool.server.appkeys import KEYS, SOCKETS, STATE, WORKER_KEYS
 from llamapool.server.connections import ConnectionGuard, make_runner, refusal_counter
 from llamapool.server.resources import (
-    BACKLOG,
+    METRICS_BACKLOG,
     METRICS_CONNECTIONS,
     connection_cap,
+    freeze_survivors,
     raise_open_file_limit,
+    tune_gc,
 )
 from llamapool.tls import server_context
 from llamapool.worker.agent import Agent
@@ -59,7 +61,7 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     metrics_runner: web.AppRunner | None = None
     reload_on_sighup = False
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls, backlog=BACKLOG).start()
+        await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls, backlog=cfg.backlog).start()
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
         log.info("server_listening", url=url, ws_path=cfg.ws_path)
         if cfg.metrics_port is not None:
@@ -69,7 +71,11 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
             )
             await metrics_runner.setup()
             await web.TCPSite(
-                metrics_runner, cfg.host, cfg.metrics_port, ssl_context=tls, backlog=BACKLOG
+                metrics_runner,
+                cfg.host,
+                cfg.metrics_port,
+                ssl_context=tls,
+                backlog=METRICS_BACKLOG,
             ).start()
             port = metrics_runner.addresses[0][1]
             log.info(
@@ -131,6 +137,8 @@ async def serve(cfg: ServeConfig) -> None:
     main = cast("asyncio.Task[None]", asyncio.current_task())
     try:
         async with running_server(cfg):
+            freeze_survivors()  # what startup made lives as long as the server
+            tune_gc()
             await stop.wait()
             _on_signals(functools.partial(_cancel, main))  # a second signal: stop now
     except asyncio.CancelledError:

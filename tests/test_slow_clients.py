@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from llamapool.config import ServeConfig
 from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.run import running_server
-from llamapool.server.resources import FD_RESERVE, connection_cap
+from llamapool.server.resources import connection_cap, fd_reserve
 
 from .conftest import API_KEY, WORKER_KEY
 from .resilience_helpers import free_port, get_text, metric
@@ -350,13 +350,14 @@ def test_event_loop_errors_are_throttled_and_show_no_repr() -> None:
 
 
 def test_too_few_open_files_cap_client_connections_with_one_warning() -> None:
-    """With 1,024 open files and the default limits (1,024 clients, 1,024 workers), clients
-    get half of what the reserve leaves, and one warning names the numbers."""
+    """With 1,024 open files for 1,024 clients and 1,024 workers, clients get half of what
+    the reserve leaves, and one warning names the numbers."""
+    cfg = ServeConfig(max_connections=1024, backlog=128)
     with capture_logs() as events:
-        cap = connection_cap(ServeConfig(), 1024)
-        roomy = connection_cap(ServeConfig(), 4096)
+        cap = connection_cap(cfg, 1024)
+        roomy = connection_cap(cfg, 4096)
 
-    assert ((1024 - FD_RESERVE) // 2, 1024) == (cap, roomy)
+    assert ((1024 - fd_reserve(cfg)) // 2, 1024) == (cap, roomy)
     assert [("open_file_limit_too_low", 1024, cap)] == [
         (e["event"], e["open_file_limit"], e["connection_cap"]) for e in events
     ]

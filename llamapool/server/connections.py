@@ -26,7 +26,7 @@ from llamapool.config import ServeConfig
 from llamapool.log import Throttle
 from llamapool.server.appkeys import STATE
 from llamapool.server.http_errors import error_response, flavor_for
-from llamapool.server.resources import release_memory
+from llamapool.server.resources import release_memory, unlink_transport
 
 log = structlog.get_logger("llamapool.server")
 
@@ -238,8 +238,10 @@ class GuardedRequestHandler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_deadline()
         self._guard.closed(self)
-        self._sock = None
+        sock, self._sock = self._sock, None
         super().connection_lost(exc)
+        if sock is not None:
+            unlink_transport(sock)
 
     def shed(self) -> None:
         """Close now, to make room or past the header deadline; nothing is answered."""
