@@ -101,17 +101,31 @@ class StreamableHttpTransport(HttpTransport):
         return HttpChannel(self)
 
 
-class HttpChannel:
+class InboxChannel:
+    """What the HTTP channels share: the server's messages arrive on a queue, read by
+    :meth:`receive`; ``None`` there means the session ended, ``reason`` says why."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self.reason = ""
+        self._closed = False
+
+    async def receive(self) -> str | None:
+        return await self.inbox.get()
+
+    def ended(self) -> str:
+        return self.reason or "the MCP server ended the session"
+
+
+class HttpChannel(InboxChannel):
     """One upstream session."""
 
     def __init__(self, transport: StreamableHttpTransport) -> None:
+        super().__init__()
         self.t = transport
         self.session_id = ""
         self.protocol_version = ""
-        self.inbox: asyncio.Queue[str | None] = asyncio.Queue()
-        self.reason = ""
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
 
     def _headers(self) -> dict[str, str]:
         headers = {**self.t.headers, "Accept": _ACCEPT}
@@ -219,12 +233,6 @@ class HttpChannel:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def receive(self) -> str | None:
-        return await self.inbox.get()
-
-    def ended(self) -> str:
-        return self.reason or "the MCP server ended the session"
 
     async def close(self) -> None:
         if self._closed:

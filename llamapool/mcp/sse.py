@@ -16,7 +16,7 @@ import orjson
 import structlog
 
 from llamapool.errors import McpUpstreamError
-from llamapool.mcp.http import HttpTransport, SseDecoder
+from llamapool.mcp.http import HttpTransport, InboxChannel, SseDecoder
 
 log = structlog.get_logger("llamapool.mcp")
 
@@ -37,17 +37,15 @@ class SseTransport(HttpTransport):
         return channel
 
 
-class SseChannel:
+class SseChannel(InboxChannel):
     """One session: the GET stream and the endpoint it named."""
 
     def __init__(self, transport: SseTransport) -> None:
+        super().__init__()
         self.t = transport
         self.endpoint = ""
-        self.inbox: asyncio.Queue[str | None] = asyncio.Queue()
-        self.reason = ""
         self._named: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._reader: asyncio.Task[None] | None = None
-        self._closed = False
 
     async def connect(self) -> None:
         headers = {**self.t.headers, "Accept": "text/event-stream"}
@@ -134,12 +132,6 @@ class SseChannel:
                     error = {"code": -32000, "message": message}
                     answer = {"jsonrpc": "2.0", "id": request["id"], "error": error}
                     self.inbox.put_nowait(orjson.dumps(answer).decode())
-
-    async def receive(self) -> str | None:
-        return await self.inbox.get()
-
-    def ended(self) -> str:
-        return self.reason or "the MCP server ended the session"
 
     async def close(self) -> None:
         if self._closed:
