@@ -173,6 +173,13 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     field_default(ServeConfig, "queue_timeout"),
     "Longest a request waits in the queue before a 503.",
 )
+@option(
+    "--queue-position-events/--no-queue-position-events",
+    envvar="QUEUE_POSITION_EVENTS",
+    default=field_default(ServeConfig, "queue_position_events"),
+    help="Give a waiting OpenAI or Anthropic stream its place in line as SSE comments "
+    "(': queued position=N') every second.",
+)
 @duration(
     "--drain-timeout",
     "DRAIN_TIMEOUT",

@@ -49,6 +49,9 @@ class ServeConfig:
     queue_size: int = 100
     #: Seconds a request may wait in the queue before it is answered 503.
     queue_timeout: float = 30.0
+    #: Streaming OpenAI and Anthropic requests that wait get their stream at once, with an SSE
+    #: comment of their place in line every second (``: queued position=N``).
+    queue_position_events: bool = False
     #: Seconds in-flight requests get to finish on SIGTERM before the server stops anyway.
     drain_timeout: float = 30.0
     #: How many workers one request may be tried on when workers vanish before answering.

@@ -18,6 +18,7 @@ its workers' (``/api/ps``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,13 +34,14 @@ from llamapool.headers import CLIENT_ONLY, forwardable
 from llamapool.protocol import ProxyRequest, ResponseHeaders, with_model
 from llamapool.server.affinity import RESPONSES_PATH, Holder, ResponseAffinity, ResponseIdScanner
 from llamapool.server.appkeys import CONFIG, POOL, SCHEDULER, STATE
-from llamapool.server.exchange import Ended
+from llamapool.server.exchange import Ended, Exchange
 from llamapool.server.http_errors import Flavor, error_response
 from llamapool.server.keys import caller_of, record_usage
 from llamapool.server.multipart import FormError, form_fields
 from llamapool.server.pool import Pool, WorkerHandle, fallback_names
+from llamapool.server.queue_events import QUEUED, SSE_FLAVORS, QueueReporter
 from llamapool.server.routes import Body, ModelRoute
-from llamapool.server.state import CANCELLED
+from llamapool.server.state import CANCELLED, ERROR
 from llamapool.server.stream import Deadlines, Trace, failure, stream_back
 
 log = structlog.get_logger("llamapool.server")
@@ -243,6 +245,39 @@ async def relay(
     produced a Responses API answer. ``path`` is the path the worker gets (default: the
     request's path).
     """
+    cfg = request.app[CONFIG]
+    shows_queue = cfg.queue_position_events and stream and pin is None
+    reporter = QueueReporter(request, flavor) if shows_queue and flavor in SSE_FLAVORS else None
+    response = await _relay(
+        request,
+        flavor=flavor,
+        body=body,
+        model=model,
+        stream=stream,
+        rewritable=rewritable,
+        pin=pin,
+        usage=usage,
+        remember=remember,
+        path=path,
+        reporter=reporter,
+    )
+    return response if reporter is None else await reporter.answer(response)
+
+
+async def _relay(
+    request: web.Request,
+    *,
+    flavor: Flavor,
+    body: bytes,
+    model: str,
+    stream: bool,
+    rewritable: bool,
+    pin: Pin | None,
+    usage: bool,
+    remember: bool,
+    path: str,
+    reporter: QueueReporter | None,
+) -> web.StreamResponse:
     app = request.app
     cfg, scheduler, state = app[CONFIG], app[SCHEDULER], app[STATE]
     now = asyncio.get_running_loop().time()
@@ -254,9 +289,17 @@ async def relay(
             if pin is not None:
                 worker = app[POOL].acquire_worker(pin.worker, pin.path)
             else:
-                worker = await scheduler.acquire(
-                    model, request.path, exclude=tried, key=caller_of(request)
-                )
+                try:
+                    worker = await scheduler.acquire(
+                        model,
+                        request.path,
+                        exclude=tried,
+                        key=caller_of(request),
+                        on_wait=reporter,
+                    )
+                finally:
+                    if reporter is not None:
+                        await reporter.stop()
         except RoutingError as exc:
             if attempt > 1:  # the workers that had it are gone: say what happened to them
                 break
@@ -432,6 +475,10 @@ async def _exchange(
                 trace.status = 502
                 return error_response(flavor, 502, trace.error, code="worker_error")
             raise _Retry(trace.error)
+        if first.status >= 400 and QUEUED in request:  # the stream's 200 is sent already
+            trace.status, trace.outcome = first.status, ERROR
+            trace.error = f"backend answered HTTP {first.status}"
+            return web.Response(status=first.status, body=await _error_body(exchange, deadlines))
         return await stream_back(
             request,
             first,
@@ -447,6 +494,18 @@ async def _exchange(
         if not exchange.worker_ended:
             await link.cancel(wire_id)
         link.forget(wire_id)
+
+
+async def _error_body(exchange: Exchange, deadlines: Deadlines, limit: int = 64 * 1024) -> bytes:
+    """A backend's error body, whole (bounded), to be sent as one event of a stream."""
+    body = bytearray()
+    with contextlib.suppress(TimeoutError):
+        while len(body) < limit:
+            event = await exchange.next(deadlines.next_wait(asyncio.get_running_loop().time()))
+            if not isinstance(event, (bytes, memoryview)):
+                break
+            body += event
+    return bytes(body[:limit]).strip() or b"{}"
 
 
 class AskFailed(Exception):

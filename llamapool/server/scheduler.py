@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -128,11 +129,13 @@ class Scheduler:
         *,
         exclude: Collection[WorkerHandle] = (),
         key: Caller | None = None,
+        on_wait: Callable[[Callable[[], int]], None] | None = None,
     ) -> WorkerHandle:
         """A slot on the least-busy eligible worker, waiting in line if all are busy.
 
         ``key`` is who asks: a model its key may not use is answered as one no worker serves,
-        and while the request waits it takes turns with other keys' requests.
+        and while the request waits it takes turns with other keys' requests. ``on_wait`` is
+        called if the request has to wait, with a function that tells its place in line.
         """
         if key is not None and not key.key.allows(model):
             raise NoWorkerError(f"no worker serves model {model!r} at {path}")
@@ -151,6 +154,8 @@ class Scheduler:
         future = asyncio.get_running_loop().create_future()
         priority = key.priority if key is not None else 0
         waiter = self._join(model, path, exclude, future, name, weight, priority)
+        if on_wait is not None:
+            on_wait(lambda: self.position(waiter))
         try:
             worker = await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
         except BaseException as exc:
@@ -161,6 +166,31 @@ class Scheduler:
                 ) from None
             raise
         return worker
+
+    def position(self, waiter: _Waiter) -> int:
+        """Where ``waiter`` stands in line: 1 when it is served next, if no more come.
+
+        The fair queue's own order: the waiters ahead in its lane, plus, of every other lane,
+        the turns whose start tags come before its own. O(lanes + its lane's length); asked
+        about once a second per waiting stream that wants to show it.
+        """
+        queue = self._queues.get(waiter.model)
+        if queue is None or not waiter.queued:
+            return 0
+        starts = {id(lane): start for start, _, lane in queue.turns}
+        lane = waiter.lane
+        mine = next((p, o) for p, o, w in lane.waiting if w is waiter)
+        ahead = sum(1 for p, o, w in lane.waiting if w.queued and (p, o) < mine)
+        own_start = starts.get(id(lane), queue.vtime) + ahead / lane.weight
+        before = 0
+        for other in queue.lanes.values():
+            if other is lane or not other.live:
+                continue
+            start = starts.get(id(other), queue.vtime)
+            if start < own_start:
+                turns = math.ceil(round((own_start - start) * other.weight, 6))
+                before += min(other.live, turns)
+        return 1 + ahead + before
 
     def release(self, worker: WorkerHandle) -> None:
         """Give a slot back and offer it to the queue."""

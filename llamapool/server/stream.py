@@ -24,6 +24,7 @@ from llamapool.server.affinity import ResponseIdScanner
 from llamapool.server.exchange import Broken, Ended, Event, Exchange
 from llamapool.server.http_errors import error_response, flavor_for
 from llamapool.server.pool import Link
+from llamapool.server.queue_events import QUEUED
 from llamapool.server.state import CANCELLED, ERROR, SUCCESS
 from llamapool.server.usage import Usage, UsageScanner
 from llamapool.server.validate import check_headers
@@ -84,13 +85,19 @@ async def stream_back(
     headers = allowed_response_headers(
         forwardable(check_headers(first.headers).items(), RECOMPUTED)
     )
-    response = web.StreamResponse(status=first.status, headers=headers)
+    # A stream that waited in line was given its 200 already (see .queue_events).
+    response = (
+        request[QUEUED]
+        if QUEUED in request
+        else web.StreamResponse(status=first.status, headers=headers)
+    )
     body = _Body(exchange, link, window, UsageScanner() if usage else None, response_id)
     loop = asyncio.get_running_loop()
     # A write waits while the client's socket is full: REQUEST_TIMEOUT must bound that too.
     stalled = loop.call_at(deadlines.end + STALL_GRACE, _cut_off, request)
     try:
-        await response.prepare(request)
+        if not response.prepared:
+            await response.prepare(request)
         event: Event
         heard = loop.time()  # when the worker was last heard from
         while True:
