@@ -483,3 +483,36 @@ async def test_mcp_endpoint_panel(pool_server: PoolServer, dashboard: Page) -> N
     await dashboard.wait_for(
         "!document.getElementById('mcp-empty').hidden", what="the endpoint to leave"
     )
+
+
+async def test_client_key_panel(
+    pool_server: PoolServer, dashboard: Page, start_worker: Callable[..., Awaitable[Agent]]
+) -> None:
+    """Each client key that sent requests shows by name (never the key) with its requests and
+    tokens, live."""
+    await start_worker(pool_server, "demo")
+    body = {"model": "demo", "messages": [{"role": "user", "content": "count me"}]}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        for _ in range(2):
+            async with http.post(pool_server.url + "/v1/chat/completions", json=body) as resp:
+                assert 200 == resp.status
+    row = "#keys tr[data-key=anonymous]"
+    await dashboard.wait_for(
+        f"{text_of(f'{row} [data-field=requests]')} === '2'", what="the key's two requests"
+    )
+
+    assert {
+        "name": "anonymous",
+        "tokens": "4 / 6",
+        "inflight": "0",
+        "total": "1 key",
+        "secret": False,
+    } == await dashboard.evaluate(
+        f"""({{
+            name: {text_of(f"{row} [data-field=name]")},
+            tokens: {text_of(f"{row} [data-field=tokens]")},
+            inflight: {text_of(f"{row} [data-field=inflight]")},
+            total: {text_of('[data-field="keys-total"]')},
+            secret: document.body.textContent.includes({json.dumps(API_KEY)}),
+        }})"""
+    )

@@ -331,6 +331,40 @@
     setText(field("models-total"), models.length === 1 ? "1 model" : `${models.length} models`);
   }
 
+  /** Per client key (by name, never the key): what it asked, what it holds, what it hit. */
+  function renderKeys(keys) {
+    const rows = keys.map((k) => {
+      const tr = el("tr");
+      tr.dataset.key = String(k.name);
+      const name = el("span", "chip", String(k.name));
+      if (k.disabled || k.expired) {
+        name.classList.add("muted");
+        name.title = k.disabled ? "disabled" : "expired";
+      }
+      const cells = [
+        ["name", "Key", name],
+        ["requests", "Requests", fmtInt(k.requests_total)],
+        ["tokens", "Tokens in / out", `${fmtInt(k.tokens_in_total)} / ${fmtInt(k.tokens_out_total)}`],
+        ["inflight", "In flight", fmtInt(k.in_flight)],
+        ["queued", "Queued", fmtInt(k.queued)],
+        ["limited", "Limited", fmtInt(k.limited_total)],
+      ];
+      for (const [key, label, content] of cells) {
+        const td = el("td", key === "name" ? "" : "num");
+        td.dataset.field = key;
+        td.dataset.label = label;
+        if (content instanceof Node) td.append(content);
+        else td.append(el("span", "cell", content));
+        tr.append(td);
+      }
+      return tr;
+    });
+    document.querySelector("#keys tbody").replaceChildren(...rows);
+    document.getElementById("keys").hidden = keys.length === 0;
+    document.getElementById("keys-empty").hidden = keys.length > 0;
+    setText(field("keys-total"), keys.length === 1 ? "1 key" : `${keys.length} keys`);
+  }
+
   /** MCP endpoints and their relays; every string came from a relay, so only as text. */
   function renderMcp(endpoints) {
     const rows = endpoints.map((e) => {
@@ -414,6 +448,7 @@
 
     renderWorkers(workers);
     renderModels(models, workers);
+    renderKeys(Array.isArray(snapshot.keys) ? snapshot.keys : []);
     renderMcp(Array.isArray(snapshot.mcp_endpoints) ? snapshot.mcp_endpoints : []);
     tick();
   }
