@@ -28,6 +28,7 @@ from llamapool.testing import create_fake_ollama_app, serve_app
 from .cli_helpers import CliProcess, cli_env, cli_process
 from .conftest import API_KEY, WORKER_KEY, wait_for
 from .resilience_helpers import MODEL, Answer, chat, echo_of, free_port
+from .tcp_proxy import TcpProxy
 
 WORKERS = 4
 CONCURRENCY = 3
@@ -80,61 +81,6 @@ class Runtime:
             self.streaming -= 1
 
 
-# --- a TCP hop between each worker and the server, to cut its link -------------------------
-
-
-class Link:
-    """Forwards a worker's connections to the server; :meth:`cut` drops them mid-flight."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.port = 0
-        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        pair = (writer, up_writer)
-        self._pairs.add(pair)
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._pairs.discard(pair)
-
-    def cut(self) -> int:
-        """Abort every connection through the link (both sides see a reset)."""
-        pairs = list(self._pairs)
-        for down, up in pairs:
-            down.transport.abort()
-            up.transport.abort()
-        return len(pairs)
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.transport.abort()
-
-
 # --- the pool -------------------------------------------------------------------------------
 
 
@@ -151,7 +97,7 @@ class Pool:
         self.workers: dict[str, CliProcess] = {}
         self.runtimes: dict[str, Runtime] = {}
         self.runtime_urls: dict[str, str] = {}
-        self.links: dict[str, Link] = {}
+        self.links: dict[str, TcpProxy] = {}
         #: Monotonic times of server SIGKILLs (requests in flight then may fail).
         self.server_kills: list[float] = []
 
@@ -416,7 +362,7 @@ async def chaos_pool() -> AsyncIterator[Pool]:
             worker_id = f"w{i}"
             runtime = pool.runtimes[worker_id] = Runtime(rng)
             pool.runtime_urls[worker_id] = await stack.enter_async_context(serve_app(runtime.app))
-            link = pool.links[worker_id] = Link(pool.port)
+            link = pool.links[worker_id] = TcpProxy(pool.port)
             await link.start()
             stack.push_async_callback(link.close)
             await pool.start_worker(worker_id)

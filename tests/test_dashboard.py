@@ -30,6 +30,7 @@ from llamapool.worker.agent import Agent
 
 from .cdp import Browser, Chromium, Page, find_chromium
 from .conftest import API_KEY, WORKER_KEY, PoolServer, wait_for
+from .tcp_proxy import tcp_proxy
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 
@@ -151,62 +152,6 @@ async def running_relay(server: PoolServer, mcp_id: str, name: str) -> AsyncIter
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-class Cable:
-    """A TCP forwarder between the browser and the server, which a test can cut and mend.
-
-    While cut, open connections are closed and new ones are hung up on at once.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = ""
-        self._cut = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._pipes: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> Cable:
-        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self.cut()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def cut(self) -> None:
-        """Drop every connection and refuse new ones."""
-        self._cut = True
-        for writer in self._writers:
-            writer.close()
-
-    def mend(self) -> None:
-        """Let connections through again."""
-        self._cut = False
-
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._cut:
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self._writers |= {writer, up_writer}
-        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
-            task = asyncio.create_task(pipe)
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-        self._writers.discard(writer)
 
 
 # --- served files (no browser) ---------------------------------------------------------------
@@ -421,13 +366,13 @@ async def test_dropped_stream_reconnects(pool_server: PoolServer, page: Page) ->
     """When the stream drops the page says so and keeps retrying; it goes live once it can."""
     port = pool_server.server.port
     assert port is not None
-    async with Cable(port) as cable:
+    async with tcp_proxy(port) as cable:
         await page.navigate(cable.url + "/dashboard/")
         await page.wait_for(VISIBLE_AUTH_FORM, what="the API key form")
         await submit_key(page, API_KEY)
         await page.wait_for(f"{CONNECTION_STATE} === 'live'", what="the stream to go live")
 
-        cable.cut()
+        cable.cut(until_mended=True)
         await page.wait_for(f"{CONNECTION_STATE} === 'reconnecting'", what="the indicator")
         assert "Disconnected" == await page.evaluate(text_of("#connection .label"))
 

@@ -28,7 +28,7 @@ from llamapool.worker.status import serving_status
 
 from .conftest import WORKER_KEY, PoolServer, StartWorker, wait_for
 from .resilience_helpers import chat, echo_of, post
-from .tcp_proxy import pausable_proxy
+from .tcp_proxy import tcp_proxy
 
 #: The worker's bound for a silent server in these tests, in seconds.
 SERVER_TIMEOUT = 1.0
@@ -50,7 +50,7 @@ async def test_a_worker_whose_path_goes_dead_reconnects_within_its_bound(
     eviction, says so on /status, and serves again."""
     port = pool_server.server.port
     assert port is not None
-    async with pausable_proxy(port) as proxy:
+    async with tcp_proxy(port) as proxy:
         agent = await start_worker(
             pool_server,
             server_url=f"ws://127.0.0.1:{proxy.port}{pool_server.cfg.ws_path}",
