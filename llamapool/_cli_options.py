@@ -104,8 +104,9 @@ def dial_options(config: type, *, peer: str) -> Callable[[F], F]:
         option(
             "--server-url",
             envvar="SERVER_URL",
-            default=field_default(config, "server_url"),
-            help="The server's worker WebSocket URL (ws:// or wss://).",
+            default=",".join(field_default(config, "server_url")),
+            help="The server's worker WebSocket URL (ws:// or wss://); several, "
+            "comma-separated (a cluster), are tried in turn.",
         ),
         secret("--worker-key", envvar="WORKER_KEY", help="Key to register with."),
         duration(

@@ -40,9 +40,16 @@ class ServeSettings:
 def serve_settings(params: Mapping[str, Any]) -> ServeSettings:
     """Settings from the resolved ``serve`` options (flag, environment, file or default)."""
     demo = bool(params["demo"])
-    fields = config_fields(ServeConfig, params, api_key="api_keys", worker_key="worker_keys")
+    fields = config_fields(
+        ServeConfig,
+        params,
+        api_key="api_keys",
+        worker_key="worker_keys",
+        cluster_key="cluster_keys",
+    )
     fields["api_keys"] = _keys(params["api_key"], params["api_key_file"])
     fields["worker_keys"] = _keys(params["worker_key"], params["worker_key_file"])
+    fields["cluster_keys"] = _keys(params["cluster_key"], params["cluster_key_file"])
     fields["host"] = fields["host"] or ("127.0.0.1" if demo else "0.0.0.0")
     return ServeSettings(ServeConfig(**fields), log_settings(params), demo)
 
@@ -282,6 +289,49 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     default=field_default(ServeConfig, "access_log"),
     help="Log one line per HTTP request (method, path, status, duration, bytes, key name).",
 )
+@option(
+    "--cluster-url",
+    envvar="CLUSTER_URL",
+    default="",
+    show_default=False,
+    help="Valkey/Redis URL (redis://, rediss://, valkey://, unix://) of a cluster of servers "
+    "that form one pool.  [default: none, a pool of its own]",
+)
+@secret(
+    "--cluster-key",
+    envvar="CLUSTER_KEY",
+    help="Secret the servers of the cluster share; comma-separated for rotation.",
+)
+@option(
+    "--cluster-key-file",
+    envvar="CLUSTER_KEY_FILE",
+    default="",
+    show_default=False,
+    help="File of cluster keys, one per line (added to --cluster-key).",
+)
+@option(
+    "--cluster-advertise-url",
+    envvar="CLUSTER_ADVERTISE_URL",
+    default="",
+    show_default=False,
+    help="URL the other servers of the cluster reach this one at.  [default: the listening "
+    "address, when --host is a specific address]",
+)
+@option(
+    "--processes",
+    envvar="PROCESSES",
+    type=click.IntRange(min=1),
+    default=field_default(ServeConfig, "processes"),
+    help="Server processes on this host, one per core: they share --port (SO_REUSEPORT) and "
+    "form one pool through --cluster-url.",
+)
+@option(
+    "--reuse-port/--no-reuse-port",
+    envvar="REUSE_PORT",
+    default=field_default(ServeConfig, "reuse_port"),
+    help="Share --port with other server processes of this host (SO_REUSEPORT), for a "
+    "supervisor that starts them itself; set by --processes.",
+)
 @click.option(
     "--demo",
     is_flag=True,
@@ -296,4 +346,8 @@ def serve(**params: Any) -> None:
     settings = serve_settings(params)
     apply_log_settings(settings.log, "server.log")
     cfg = settings.config
+    if cfg.processes > 1:
+        from llamapool import processes
+
+        raise SystemExit(processes.supervise(settings))
     asyncio.run(run.demo(cfg) if settings.demo else run.serve(cfg))

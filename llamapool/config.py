@@ -16,13 +16,26 @@ from llamapool.errors import ConfigError
 
 DEFAULT_WS_PATH = "/workers/connect"
 MIB = 1024 * 1024
+_SERVER_URL = re.compile(r"^(ws|wss|http|https)://[^/]+")
 
 
-def _keys(value: str | tuple[str, ...]) -> tuple[str, ...]:
-    """Comma-separated keys; several keys let an operator rotate them without downtime."""
+def comma_separated(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Comma-separated values: several keys let an operator rotate them without downtime,
+    several server URLs let a worker or relay fail over between the servers of a cluster."""
     if isinstance(value, tuple):
         return value
     return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
+def check_server_urls(
+    _: object, __: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    """Each URL of ``SERVER_URL`` on its own, so the error names the bad one of a list."""
+    if not value:
+        raise ConfigError("SERVER_URL must name at least one ws:// or wss:// URL")
+    for url in value:
+        if not _SERVER_URL.match(url):
+            raise ConfigError(f"SERVER_URL must be a ws:// or wss:// URL, got {url!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -32,8 +45,8 @@ class ServeConfig:
     host: str = "0.0.0.0"
     port: int = 8080
     metrics_port: int | None = None
-    api_keys: tuple[str, ...] = attrs.field(default=(), converter=_keys, repr=False)
-    worker_keys: tuple[str, ...] = attrs.field(default=(), converter=_keys, repr=False)
+    api_keys: tuple[str, ...] = attrs.field(default=(), converter=comma_separated, repr=False)
+    worker_keys: tuple[str, ...] = attrs.field(default=(), converter=comma_separated, repr=False)
     ws_path: str = attrs.field(default=DEFAULT_WS_PATH)
     #: Seconds one request may take from start to end.
     request_timeout: float = 300.0
@@ -92,6 +105,43 @@ class ServeConfig:
     max_queued: int = 0
     #: One log line per HTTP request.
     access_log: bool = True
+    #: Valkey/Redis URL of a cluster of servers forming one pool (none: a pool of its own).
+    cluster_url: str = attrs.field(default="")
+    #: Keys the servers of the cluster prove themselves with (the first signs; any verifies).
+    cluster_keys: tuple[str, ...] = attrs.field(default=(), converter=comma_separated, repr=False)
+    #: The URL the other servers reach this one at (default: the listening address).
+    cluster_advertise_url: str = ""
+    #: Share the listening port with other processes (SO_REUSEPORT): several processes of one
+    #: host, one cluster (each also listens on a port of its own for its peers).
+    reuse_port: bool = False
+    #: Server processes to run on this host (each one core), sharing the port and the cluster.
+    processes: int = 1
+
+    @cluster_url.validator
+    def _check_cluster(self, _: attrs.Attribute[str], value: str) -> None:
+        if not value:
+            if self.processes > 1:
+                raise ConfigError(
+                    "PROCESSES above 1 needs CLUSTER_URL (the processes share a pool)"
+                )
+            return
+        if not value.startswith(("redis://", "rediss://", "valkey://", "valkeys://", "unix://")):
+            raise ConfigError(
+                "CLUSTER_URL must be a redis://, rediss://, valkey://, valkeys:// or unix:// URL"
+            )
+        if not self.cluster_keys:
+            raise ConfigError("CLUSTER_URL needs CLUSTER_KEY (the secret the servers share)")
+        advertised = self.cluster_advertise_url
+        if advertised and not advertised.startswith(("http://", "https://")):
+            raise ConfigError("CLUSTER_ADVERTISE_URL must be an http:// or https:// URL")
+        alone = self.processes <= 1 and not self.reuse_port  # not one of a host's processes
+        if not advertised and self.host in ("0.0.0.0", "::", "") and alone:
+            raise ConfigError(
+                "CLUSTER_ADVERTISE_URL is needed when HOST is a wildcard address: "
+                "the URL the other servers reach this one at"
+            )
+        if self.processes > 1 and self.port == 0:
+            raise ConfigError("PROCESSES above 1 needs a fixed PORT (they share it)")
 
     @tls_key.validator
     def _check_tls(self, _: attrs.Attribute[str], value: str) -> None:
@@ -112,7 +162,12 @@ def _default_worker_id() -> str:
 class WorkConfig:
     """What ``llamapool work`` needs."""
 
-    server_url: str = attrs.field(default="ws://127.0.0.1:8080" + DEFAULT_WS_PATH)
+    #: Every URL of ``SERVER_URL`` (comma-separated), tried in turn.
+    server_url: tuple[str, ...] = attrs.field(
+        default=("ws://127.0.0.1:8080" + DEFAULT_WS_PATH,),
+        converter=comma_separated,
+        validator=check_server_urls,
+    )
     worker_key: str = attrs.field(default="", repr=False)
     backend: str = "ollama"
     backend_url: str = ""
@@ -140,11 +195,6 @@ class WorkConfig:
     ca_file: str = ""
     #: Skip verifying the server's certificate (wss:// to a self-signed test server only).
     tls_insecure: bool = False
-
-    @server_url.validator
-    def _check_url(self, _: attrs.Attribute[str], value: str) -> None:
-        if not re.match(r"^(ws|wss|http|https)://[^/]+", value):
-            raise ConfigError(f"SERVER_URL must be a ws:// or wss:// URL, got {value!r}")
 
     @max_concurrency.validator
     def _check_concurrency(self, _: attrs.Attribute[int], value: int) -> None:

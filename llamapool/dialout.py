@@ -2,11 +2,12 @@
 
 Both sit on a private machine and reach the server through one outbound WebSocket, so both
 need the same things from it. Reconnect forever, with capped exponential backoff and jitter
-(reset after a connection that lasted). Bound the handshake and notice a server gone silent
-(WebSocket pings: a black-holed path closes nothing by itself). Send a heartbeat every
-``heartbeat_interval``. And read a close the way the server means it: only a refused key
-(1008 ``unauthorized``) ends the loop, with an error; a refused register, an id in use, a
-full key, misbehaviour or a shutdown are all worth another try.
+(reset after a connection that lasted); given the URLs of several servers (a cluster), each
+attempt after a failed one or a dropped link goes to the next URL, round-robin. Bound the
+handshake and notice a server gone silent (WebSocket pings: a black-holed path closes nothing
+by itself). Send a heartbeat every ``heartbeat_interval``. And read a close the way the server
+means it: only a refused key (1008 ``unauthorized``) ends the loop, with an error; a refused
+register, an id in use, a full key, misbehaviour or a shutdown are all worth another try.
 
 What travels over the socket is the :class:`Peer`'s business; the :class:`Dialer` owns the
 socket's life.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import signal
 import time
@@ -86,7 +88,8 @@ class Peer(Protocol):
 class DialSettings:
     """Where and how to dial (the fields both commands' configs share)."""
 
-    server_url: str
+    #: The servers' URLs, tried in turn.
+    server_url: tuple[str, ...]
     server_timeout: float
     heartbeat_interval: float
     reconnect_max: float
@@ -105,6 +108,8 @@ class Dialer:
     def __init__(self, settings: DialSettings, peer: Peer) -> None:
         self.settings = settings
         self.peer = peer
+        #: The URL being dialed, or connected to.
+        self.url = settings.server_url[0]
         #: The live socket, while connected.
         self.ws: Socket | None = None
         #: Unix time of the last heartbeat sent.
@@ -113,19 +118,24 @@ class Dialer:
 
     async def run(self) -> None:
         """Dial until the peer drains or the task is cancelled; :class:`ConfigError` when the
-        server refuses the key."""
+        server refuses the key.
+
+        Every attempt after a failed one or a dropped link dials the next server URL, so a
+        worker given a cluster's servers finds one that is up; the backoff is the same as for
+        one URL, so a cluster that is down is not hammered."""
         s = self.settings
         # The handshake is bounded too: a black-holed server never answers a SYN.
         timeout = aiohttp.ClientTimeout(total=None, connect=s.server_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             attempt = 0
-            while True:
+            for url in itertools.cycle(s.server_url):
+                self.url = url
                 started = time.monotonic()
                 try:
-                    await self._connection(http)
+                    await self._connection(http, url)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     self.peer.last_error = f"server unreachable: {exc}"
-                    log.warning("server_unreachable", url=s.server_url, error=str(exc))
+                    log.warning("server_unreachable", url=url, error=str(exc))
                 if self.peer.draining:
                     return
                 if time.monotonic() - started > _STABLE:
@@ -147,14 +157,14 @@ class Dialer:
         if self.ws is not None:
             await self.ws.close(code=code, message=reason.encode())
 
-    async def _connection(self, http: aiohttp.ClientSession) -> None:
+    async def _connection(self, http: aiohttp.ClientSession, url: str) -> None:
         s = self.settings
-        if s.tls_insecure and s.server_url.startswith(("wss:", "https:")):
-            log.warning("tls_verification_disabled", url=s.server_url)
+        if s.tls_insecure and url.startswith(("wss:", "https:")):
+            log.warning("tls_verification_disabled", url=url)
         # aiohttp pings after two thirds of the timeout without a message and gives the pong
         # the last third: a server gone silent is noticed within server_timeout.
         async with http.ws_connect(
-            s.server_url,
+            url,
             max_msg_size=_MAX_MESSAGE,
             autoping=True,
             heartbeat=s.server_timeout * 2 / 3,
@@ -180,9 +190,9 @@ class Dialer:
         if reason:
             self.peer.last_error = f"the server closed the connection ({code}): {reason}"
         if code in _REFUSED:
-            log.error(f"{role}_refused", code=code, reason=reason)
+            log.error(f"{role}_refused", url=self.url, code=code, reason=reason)
         else:
-            log.warning("server_disconnected", code=code, reason=reason)
+            log.warning("server_disconnected", url=self.url, code=code, reason=reason)
 
     async def _heartbeats(self, ws: Socket) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):

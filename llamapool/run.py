@@ -9,6 +9,8 @@ import ipaddress
 import json
 import secrets
 import signal
+import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
@@ -23,6 +25,7 @@ from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import create_app, create_metrics_app, drain
 from llamapool.server.appkeys import KEYS, SOCKETS, STATE, WORKER_KEYS
+from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.connections import ConnectionGuard, make_runner, refusal_counter
 from llamapool.server.resources import (
     METRICS_BACKLOG,
@@ -61,9 +64,18 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     metrics_runner: web.AppRunner | None = None
     reload_on_sighup = False
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls, backlog=cfg.backlog).start()
+        await web.TCPSite(
+            runner,
+            cfg.host,
+            cfg.port,
+            ssl_context=tls,
+            backlog=cfg.backlog,
+            reuse_port=cfg.reuse_port or None,
+        ).start()
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
         log.info("server_listening", url=url, ws_path=cfg.ws_path)
+        if CLUSTER in app:
+            app[CLUSTER].start(await _peer_url(runner, cfg, url, tls))
         if cfg.metrics_port is not None:
             metrics_app = create_metrics_app(app[STATE], cfg, keys=app[KEYS])
             metrics_runner = make_runner(
@@ -108,6 +120,27 @@ async def stop_server(runner: web.AppRunner) -> None:
             conn.close()
     await drain(runner.app)
     await runner.cleanup()
+
+
+async def _peer_url(
+    runner: web.AppRunner, cfg: ServeConfig, url: str, tls: ssl.SSLContext | None
+) -> str:
+    """The URL the other servers of the cluster reach this one at.
+
+    Processes sharing a port (``reuse_port``) each listen on a port of their own too, since
+    a request for one's worker must reach that very process: it is advertised at the host of
+    ``CLUSTER_ADVERTISE_URL`` (or ``HOST``, or loopback for a wildcard ``HOST``).
+    """
+    if not cfg.reuse_port:
+        return cfg.cluster_advertise_url.rstrip("/") or url
+    site = web.TCPSite(runner, cfg.host, 0, ssl_context=tls, backlog=cfg.backlog)
+    await site.start()
+    port = runner.addresses[-1][1]  # the site just started
+    if cfg.cluster_advertise_url:
+        parts = urllib.parse.urlsplit(cfg.cluster_advertise_url)
+        host = parts.hostname or "127.0.0.1"
+        return _url(host, port, tls=parts.scheme == "https")
+    return _url(cfg.host, port, tls=tls is not None)
 
 
 def _url(host: str, port: int, *, tls: bool) -> str:

@@ -17,6 +17,7 @@ from llamapool.config import ServeConfig, WorkConfig
 from llamapool.plugin_api import Backend, BackendSettings
 from llamapool.server.app import create_app
 from llamapool.server.appkeys import POOL
+from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.pool import Pool
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
@@ -100,6 +101,8 @@ async def start_server(
         cfg = ServeConfig(**settings)
         app: web.Application = create_app(cfg)
         server = await aiohttp_server(app, host="127.0.0.1", port=0)
+        if CLUSTER in app:  # as `serve` does once it listens
+            app[CLUSTER].start(url_of(server))
         return PoolServer(server, cfg)
 
     return start

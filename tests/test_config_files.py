@@ -208,7 +208,7 @@ def test_work_precedence_flag_environment_env_file_yaml(
 
     cfg = work_settings("--config", config, "--env-file", env_file, "--drain-timeout", "9s").config
 
-    assert ("ws://yaml:1/w", 4, "from-environment", 9.0, 7.0, 30.0) == (
+    assert (("ws://yaml:1/w",), 4, "from-environment", 9.0, 7.0, 30.0) == (
         cfg.server_url,
         cfg.max_concurrency,
         cfg.worker_name,
@@ -248,7 +248,7 @@ def test_yaml_key_spellings(tmp_path: Path, key: str) -> None:
 
     cfg = work_settings("--config", config).config
 
-    assert "wss://pool.example/workers/connect" == cfg.server_url
+    assert ("wss://pool.example/workers/connect",) == cfg.server_url
 
 
 def test_yaml_file_sets_worker_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,7 +275,7 @@ def test_yaml_file_sets_worker_settings(tmp_path: Path, monkeypatch: pytest.Monk
     settings = work_settings()
 
     cfg = settings.config
-    assert ("wss://pool.example/workers/connect", "secret", "vllm", "http://gpu:8000") == (
+    assert (("wss://pool.example/workers/connect",), "secret", "vllm", "http://gpu:8000") == (
         cfg.server_url,
         cfg.worker_key,
         cfg.backend,
@@ -547,7 +547,11 @@ def test_help_shows_the_variable_of_every_option(command: click.Command) -> None
 @pytest.mark.parametrize(
     ("command", "config_class", "renamed"),
     [
-        (cli.serve, ServeConfig, {"api_keys": "api_key", "worker_keys": "worker_key"}),
+        (
+            cli.serve,
+            ServeConfig,
+            {"api_keys": "api_key", "worker_keys": "worker_key", "cluster_keys": "cluster_key"},
+        ),
         (cli.work, WorkConfig, {}),
     ],
     ids=["serve", "work"],

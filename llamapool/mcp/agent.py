@@ -231,7 +231,7 @@ class McpRelay:
                     "relay_registered",
                     mcp_id=self.cfg.mcp_id,
                     transport=self.transport.name,
-                    url=self.cfg.server_url,
+                    url=self.dialer.url,
                 )
                 self.registered.set()
             case _:

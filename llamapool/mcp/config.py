@@ -6,6 +6,8 @@ import socket
 
 import attrs
 
+from llamapool.config import check_server_urls, comma_separated
+
 #: The error when a relay is given no transport, or more than one.
 ONE_TRANSPORT = (
     "give exactly one of --command (stdio), --url (Streamable HTTP) and --sse-url (HTTP+SSE)"
@@ -20,7 +22,12 @@ class McpConfig:
     HTTP+SSE transport) is set.
     """
 
-    server_url: str = "ws://localhost:8080/workers/connect"
+    #: Every URL of ``SERVER_URL`` (comma-separated), tried in turn.
+    server_url: tuple[str, ...] = attrs.field(
+        default=("ws://localhost:8080/workers/connect",),
+        converter=comma_separated,
+        validator=check_server_urls,
+    )
     worker_key: str = attrs.field(default="", repr=False)
     #: The public endpoint id: clients use ``/api/mcp/id/{mcp_id}``.
     mcp_id: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
@@ -28,6 +29,9 @@ from llamapool.server.appkeys import (
     STATE,
     WORKER_KEYS,
 )
+from llamapool.server.cluster.endpoint import CLUSTER, relay_for_peer
+from llamapool.server.cluster.membership import Cluster
+from llamapool.server.cluster.peer import RELAY_PATH
 from llamapool.server.http_errors import json_response
 from llamapool.server.keys import KeyStore, watch_keys_file
 from llamapool.server.mcp_relays import expire_mcp_sessions
@@ -45,8 +49,14 @@ log = structlog.get_logger("llamapool.server")
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: the process is up (no key needed)."""
-    return json_response({"status": "ok", "workers": len(request.app[POOL])})
+    """``GET /healthz``: the process is up (no key needed). In a cluster, also whether it
+    reaches the others (out of reach it still serves its own workers: still ``ok``)."""
+    body: dict[str, object] = {"status": "ok", "workers": len(request.app[POOL])}
+    cluster = request.app.get(CLUSTER)
+    if cluster is not None:
+        body["cluster"] = "connected" if cluster.connected else "disconnected"
+        body["server"] = cluster.id
+    return json_response(body)
 
 
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -143,7 +153,14 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     )
     state.keys_view = lambda: keys.snapshot(scheduler.queued_by_key())
     app[WORKER_KEYS] = worker_keys = WorkerKeyStore(cfg.worker_keys, cfg.worker_keys_file)
-    app[REGISTRY] = Registry(pool, state, app[SCHEDULER], worker_keys=worker_keys)
+    app[REGISTRY] = registry = Registry(pool, state, app[SCHEDULER], worker_keys=worker_keys)
+    if cfg.cluster_url:
+        app[CLUSTER] = Cluster(
+            cfg.cluster_url, cfg.cluster_keys, pool=pool, state=state, registry=registry
+        )
+        app.add_routes([web.route("*", RELAY_PATH, relay_for_peer)])
+        app.cleanup_ctx.append(_cluster_session)
+        app.on_shutdown.append(_leave_cluster)
     app[SOCKETS] = set()
     app[LOG_THROTTLE] = Throttle()
     app[relay.MODELS_IN_FLIGHT] = Counter()
@@ -197,3 +214,14 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app.on_shutdown.append(state_api.release_watchers)
     app.on_shutdown.append(drain)
     return app
+
+
+async def _leave_cluster(app: web.Application) -> None:
+    """Stopping: leave the cluster first, so no other server sends more requests here."""
+    await app[CLUSTER].stop()
+
+
+async def _cluster_session(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[CLUSTER].stop()
+    await app[CLUSTER].close()

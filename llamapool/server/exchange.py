@@ -38,6 +38,12 @@ class Broken:
     reason: str
 
 
+@attrs.frozen
+class Busy(Broken):
+    """The request did not start because its worker is full (another server of the cluster
+    said so): it may wait for a worker again, here."""
+
+
 Event: TypeAlias = ResponseHeaders | bytes | memoryview | Ended | Broken
 
 

@@ -12,7 +12,7 @@ import hmac
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Protocol
 
 import attrs
@@ -83,6 +83,9 @@ class WorkerHandle:
     #: The name of the worker key it connected with (never the key): ``anonymous`` for
     #: ``WORKER_KEY`` keys and in a pool without worker keys.
     credential: str = "anonymous"
+    #: In a cluster, the id of the server the worker is connected to when that is another
+    #: server (its link then crosses to that server); empty for a worker connected here.
+    server: str = ""
     inflight: int = 0
     #: Set when the worker said it is draining: it finishes its requests but takes no more.
     draining: bool = False
@@ -156,6 +159,8 @@ class Pool:
     """Connected workers, the models they serve, and who takes the next request."""
 
     def __init__(self) -> None:
+        #: Called after a worker's requests in flight changed (a cluster publishes its load).
+        self.on_load: Callable[[WorkerHandle], None] | None = None
         self._workers: dict[str, WorkerHandle] = {}
         self._index: dict[str, dict[frozenset[str] | None, _Buckets]] = {}
         self._first_seen: dict[str, int] = {}
@@ -201,27 +206,28 @@ class Pool:
 
     def set_models(self, worker: WorkerHandle, models: Iterable[str]) -> None:
         """Replace the models a connected worker serves."""
-        connected = self._workers.get(worker.id) is worker
-        self._unlink(worker)
-        if connected:
-            self._park(worker, -1)
-        worker.models = frozenset(models)
-        if connected:
-            self._link(worker, worker.models)
-            self._park(worker, +1)
+        self.reconfigure(worker, models=frozenset(models))
 
     def set_status(
         self, worker: WorkerHandle, *, draining: bool | None = None, ready: bool | None = None
     ) -> None:
         """Take a worker out of routing (draining, backend down) or put it back."""
+        changes: dict[str, bool] = {}
+        if draining is not None:
+            changes["draining"] = draining
+        if ready is not None:
+            changes["ready"] = ready
+        self.reconfigure(worker, **changes)
+
+    def reconfigure(self, worker: WorkerHandle, **changes: object) -> None:
+        """Change what a worker serves (``models``, ``paths``, ``max_concurrency``, ``ready``,
+        ``draining``), moving it between the index's groups."""
         connected = self._workers.get(worker.id) is worker
         self._unlink(worker)
         if connected:
             self._park(worker, -1)
-        if draining is not None:
-            worker.draining = draining
-        if ready is not None:
-            worker.ready = ready
+        for name, value in changes.items():
+            setattr(worker, name, value)
         if connected:
             self._link(worker, worker.models)
             self._park(worker, +1)
@@ -276,15 +282,16 @@ class Pool:
                 raise WorkersBusyError(f"no worker serving {name!r} can take requests right now")
         raise NoWorkerError(f"no worker serves model {model!r} at {path}")
 
-    def acquire_worker(self, worker: WorkerHandle, path: str) -> WorkerHandle:
+    def acquire_worker(self, worker: WorkerHandle, path: str | None) -> WorkerHandle:
         """Take a slot on one given worker, for a request only it can serve (it holds a stored
-        response); :meth:`release` gives it back.
+        response, or another server of the cluster chose it); :meth:`release` gives it back.
+        ``path=None``: the caller has checked what the worker serves.
 
         Raises :class:`NoWorkerError` when the worker left or does not serve ``path`` and
         :class:`WorkersBusyError` when it is full or takes no requests now (never queued).
         """
         if self._workers.get(worker.id) is not worker or not (
-            worker.paths is None or path in worker.paths
+            worker.paths is None or path is None or path in worker.paths
         ):
             raise NoWorkerError(f"worker {worker.name!r} does not serve {path} any more")
         if not (worker.routable and worker.has_capacity):
@@ -338,12 +345,19 @@ class Pool:
             else:
                 self._parked.pop(model, None)
 
+    def set_inflight(self, worker: WorkerHandle, inflight: int) -> None:
+        """Set a worker's requests in flight as counted elsewhere (a worker of another server
+        of the cluster: the load that server reports)."""
+        self._move(worker, max(0, inflight) - worker.inflight)
+
     def _move(self, worker: WorkerHandle, delta: int) -> None:
         for buckets in worker._buckets:
             buckets.discard(worker)
         worker.inflight += delta
         for buckets in worker._buckets:
             buckets.insert(worker)
+        if self.on_load is not None:
+            self.on_load(worker)
 
     def _link(self, worker: WorkerHandle, models: Iterable[str]) -> None:
         if not worker.routable:

@@ -29,18 +29,18 @@ import orjson
 import structlog
 from aiohttp import web
 
-from llamapool.errors import RoutingError
+from llamapool.errors import RoutingError, WorkersBusyError
 from llamapool.headers import CLIENT_ONLY, forwardable
 from llamapool.protocol import ProxyRequest, ResponseHeaders, with_model
 from llamapool.server.affinity import RESPONSES_PATH, Holder, ResponseAffinity, ResponseIdScanner
 from llamapool.server.appkeys import CONFIG, POOL, SCHEDULER, STATE
-from llamapool.server.exchange import Ended, Exchange
-from llamapool.server.http_errors import Flavor, error_response
+from llamapool.server.exchange import Busy, Ended, Exchange
+from llamapool.server.http_errors import Flavor, error_response, flavor_for
 from llamapool.server.keys import caller_of, record_usage
 from llamapool.server.multipart import FormError, form_fields
 from llamapool.server.pool import Pool, WorkerHandle, fallback_names
 from llamapool.server.queue_events import QUEUED, SSE_FLAVORS, QueueReporter
-from llamapool.server.routes import Body, ModelRoute
+from llamapool.server.routes import BY_PATH, Body, ModelRoute
 from llamapool.server.state import CANCELLED, ERROR
 from llamapool.server.stream import Deadlines, Trace, failure, stream_back
 
@@ -219,6 +219,11 @@ class _Retry(Exception):
     """The worker failed before sending anything: the request may go to another worker."""
 
 
+class _Busy(_Retry):
+    """The worker turned out to be full (another server of the cluster holds it and said so):
+    the request waits for a worker again, without counting an attempt."""
+
+
 #: Requests in flight by the model name their worker serves (what ``/api/ps`` lists).
 MODELS_IN_FLIGHT: web.AppKey[Counter[str]] = web.AppKey("models_in_flight")
 
@@ -284,7 +289,9 @@ async def _relay(
     deadlines = Deadlines(end=now + cfg.request_timeout, idle=cfg.idle_timeout)
     reason = ""
     tried: list[WorkerHandle] = []
-    for attempt in range(1, (1 if pin else cfg.max_attempts) + 1):
+    attempt = 0
+    while attempt < (1 if pin else cfg.max_attempts):
+        attempt += 1
         try:
             if pin is not None:
                 worker = app[POOL].acquire_worker(pin.worker, pin.path)
@@ -325,6 +332,11 @@ async def _relay(
                 remember=remember,
                 path=path or request.path,
             )
+        except _Busy as exc:
+            reason = str(exc)
+            if asyncio.get_running_loop().time() >= deadlines.end:
+                break
+            attempt -= 1  # it never started: wait for a worker again, here
         except _Retry as exc:
             reason = str(exc)
             tried.append(worker)
@@ -347,12 +359,19 @@ async def _attempt(
     usage: bool,
     remember: bool,
     path: str,
+    forwarded: bool = False,
 ) -> web.StreamResponse:
-    """One try on one worker, accounted for in the state, the metrics and one log line."""
+    """One try on one worker, accounted for in the state, the metrics and one log line.
+
+    ``forwarded``: another server of the cluster sent the request for this server's worker;
+    that server counts it in its client-facing totals, this one in the worker's.
+    """
     scheduler, state = request.app[SCHEDULER], request.app[STATE]
     served = next((n for n in fallback_names(model) if n in worker.models), model)
     override = ""
-    if served != model and rewritable:  # an alias: ask the backend for the name it knows
+    if worker.server:  # the worker's own server resolves the alias, as it would for a client
+        override = model
+    elif served != model and rewritable:  # an alias: ask the backend for the name it knows
         if worker.protocol:
             override = served  # the worker puts it into the body
         else:
@@ -399,6 +418,7 @@ async def _attempt(
             ttfb=ttfb,
             usage=trace.usage,
             error=trace.error,
+            forwarded=forwarded,
         )
         affinity = request.app.get(AFFINITY)
         if ids is not None and ids.response_id and affinity is not None and trace.status < 400:
@@ -469,6 +489,9 @@ async def _exchange(
         ):
             trace.status, trace.error = 502, f"the worker sent an invalid status {first.status}"
             return error_response(flavor, 502, trace.error, code="worker_error")
+        if isinstance(first, Busy):
+            trace.error = failure(first)
+            raise _Busy(trace.error)
         if not isinstance(first, ResponseHeaders):
             trace.error = failure(first)
             if isinstance(first, Ended) and first.error is None:
@@ -569,3 +592,70 @@ async def ask_worker(
             await link.cancel(wire_id)
         link.forget(wire_id)
         app[SCHEDULER].release(worker)
+
+
+class NotStarted(Exception):
+    """A request another server sent could not start on the worker; ``busy`` when only
+    because the worker is full."""
+
+    def __init__(self, reason: str, *, busy: bool) -> None:
+        super().__init__(reason)
+        self.busy = busy
+
+
+async def relay_forwarded(
+    request: web.Request, worker: WorkerHandle, *, path: str, model: str, stream: bool
+) -> web.StreamResponse:
+    """Serve a request another server of the cluster sent for one of this server's workers:
+    on that worker only, and now or never (:class:`NotStarted`): the sending server queues
+    and retries, since it holds the client. ``path`` is the public path with its query; a
+    request that names no ``model`` is one the pool makes of a worker (``/api/ps``, a stored
+    response), relayed as the local one would be.
+    """
+    app = request.app
+    route_path = path.partition("?")[0]
+    route = BY_PATH.get(route_path)
+    try:
+        app[POOL].acquire_worker(worker, route_path if route is not None else None)
+    except RoutingError as exc:
+        raise NotStarted(str(exc), busy=isinstance(exc, WorkersBusyError)) from None
+    cfg = app[CONFIG]
+    now = asyncio.get_running_loop().time()
+    deadlines = Deadlines(end=now + cfg.request_timeout, idle=cfg.idle_timeout)
+    flavor = route.flavor if route is not None else flavor_for(route_path)
+    try:
+        body = await request.read()
+        if not model:
+            try:
+                return await _exchange(
+                    request,
+                    worker,
+                    body=body,
+                    stream=stream,
+                    model="",
+                    flavor=flavor,
+                    deadlines=deadlines,
+                    trace=Trace(),
+                    usage=False,
+                    ids=None,
+                    path=path,
+                )
+            finally:
+                app[SCHEDULER].release(worker)
+        return await _attempt(
+            request,
+            worker,
+            model=model,
+            body=body,
+            stream=stream,
+            flavor=flavor,
+            deadlines=deadlines,
+            attempt=1,
+            rewritable=route is not None and route.body is Body.JSON,
+            usage=route is None or route.path not in _NO_USAGE,
+            remember=False,
+            path=path,
+            forwarded=True,
+        )
+    except _Retry as exc:
+        raise NotStarted(str(exc), busy=isinstance(exc, _Busy)) from None

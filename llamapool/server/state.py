@@ -107,6 +107,11 @@ class PoolState:
         self.keys_view: Callable[[], list[dict[str, Any]]] = lambda: []
         #: MCP endpoints, their relays and sessions (the app sets it: McpEndpoints.snapshot).
         self.mcp_view: Callable[[], list[dict[str, Any]]] = lambda: []
+        #: In a cluster: this server's id, the cluster's servers, and the entries of the
+        #: workers connected to other servers (the cluster sets them).
+        self.server_id = ""
+        self.cluster_view: Callable[[], dict[str, Any] | None] = lambda: None
+        self.remote_workers: Callable[[], list[dict[str, Any]]] = lambda: []
         #: Set while no request is in flight or queued (what a draining server waits for).
         self.idle = asyncio.Event()
         self.idle.set()
@@ -173,46 +178,65 @@ class PoolState:
         ttfb: float | None,
         usage: Usage | None,
         error: str = "",
+        forwarded: bool = False,
     ) -> None:
-        """One request a worker took has ended. ``model`` is the name the worker serves."""
+        """One request a worker took has ended. ``model`` is the name the worker serves.
+
+        ``forwarded``: another server of the cluster holds the client; it counts the request
+        in the pool's totals and model series, so the cluster's sums count it once, and this
+        server counts it for its worker only.
+        """
         self.jobs_inflight_total -= 1
         m = self.metrics
         m.requests_in_flight.dec()
-        m.model_requests.labels(model, outcome).inc()
-        if ttfb is not None:
-            m.time_to_first_byte.labels(model).observe(ttfb)
+        if not forwarded:
+            m.model_requests.labels(model, outcome).inc()
+            if ttfb is not None:
+                m.time_to_first_byte.labels(model).observe(ttfb)
+            if outcome == SUCCESS:
+                self.jobs_completed_total += 1
+            elif outcome == ERROR:
+                self.jobs_failed_total += 1
+            if usage is not None:
+                m.model_tokens.labels(model, "in").inc(usage.tokens_in)
+                m.model_tokens.labels(model, "out").inc(usage.tokens_out)
         record = self.records.get(worker.id)
-        tally = None
         if record is not None:  # a worker forgotten already gets no new per-worker series
-            m.request_duration.labels(worker.id, model).observe(duration)
-            tally = record.per_model.get(model)
-            if tally is None:
-                tally = record.per_model[model] = ModelTally()
-                self._served_by.setdefault(model, set()).add(worker.id)
-            record.processed_total += 1
-            record.processing_ms_total += duration * 1000
-        if outcome == SUCCESS:
-            self.jobs_completed_total += 1
-            if tally is not None:
-                tally.success_total += 1
-        elif outcome == ERROR:
-            self.jobs_failed_total += 1
-            if record is not None and tally is not None:
-                record.failures_total += 1
-                record.last_error = error[:200]
-                tally.error_total += 1
-        if usage is not None:
-            m.model_tokens.labels(model, "in").inc(usage.tokens_in)
-            m.model_tokens.labels(model, "out").inc(usage.tokens_out)
-            if record is not None and tally is not None:
-                record.tokens_in_total += usage.tokens_in
-                record.tokens_out_total += usage.tokens_out
-                tally.tokens_in_total += usage.tokens_in
-                tally.tokens_out_total += usage.tokens_out
+            self._tally(record, model, outcome, duration, usage, error)
         if model not in self._models and model not in self._gone_models:
             self._gone_models[model] = time.time()  # its worker dropped it meanwhile
             self._evict_models()
         self._recount(worker)
+
+    def _tally(
+        self,
+        record: WorkerRecord,
+        model: str,
+        outcome: str,
+        duration: float,
+        usage: Usage | None,
+        error: str,
+    ) -> None:
+        """Add one request to a worker's totals and its duration series."""
+        worker_id = record.handle.id
+        self.metrics.request_duration.labels(worker_id, model).observe(duration)
+        tally = record.per_model.get(model)
+        if tally is None:
+            tally = record.per_model[model] = ModelTally()
+            self._served_by.setdefault(model, set()).add(worker_id)
+        record.processed_total += 1
+        record.processing_ms_total += duration * 1000
+        if outcome == SUCCESS:
+            tally.success_total += 1
+        elif outcome == ERROR:
+            record.failures_total += 1
+            record.last_error = error[:200]
+            tally.error_total += 1
+        if usage is not None:
+            record.tokens_in_total += usage.tokens_in
+            record.tokens_out_total += usage.tokens_out
+            tally.tokens_in_total += usage.tokens_in
+            tally.tokens_out_total += usage.tokens_out
 
     def rejected(self, reason: str) -> None:
         """A request refused before any worker saw it (no_worker, busy, unauthorized, ...)."""
@@ -293,6 +317,10 @@ class PoolState:
         now = time.time()
         mono = time.monotonic()
         workers = [_worker(r, now, mono, self.queued_for) for r in self.records.values()]
+        if self.server_id:
+            for entry in workers:
+                entry["server"] = self.server_id
+            workers += self.remote_workers()
         workers.sort(key=lambda w: (w["status"] == "gone", w["name"], w["id"]))
         summary = dict.fromkeys(("connected", "working", "idle", "gone"), 0)
         for w in workers:
@@ -318,7 +346,15 @@ class PoolState:
             "workers": workers,
             "keys": self.keys_view(),
             "mcp_endpoints": self.mcp_view(),
+            **({"cluster": cluster} if (cluster := self.cluster_view()) is not None else {}),
         }
+
+    def worker_entry(self, worker: WorkerHandle) -> dict[str, Any] | None:
+        """One connected worker's entry of the state document (what a cluster publishes)."""
+        record = self.records.get(worker.id)
+        if record is None or record.handle is not worker:
+            return None
+        return _worker(record, time.time(), time.monotonic(), self.queued_for)
 
 
 def _until(departed: Iterable[str], gone_at: Callable[[str], float], cutoff: float) -> list[str]:

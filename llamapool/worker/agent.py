@@ -138,7 +138,7 @@ class Agent:
         self._features = frozenset()
         self.connected = True
         self.metrics.connected_to_server.set(1)
-        log.info("worker_connected", url=self.cfg.server_url, models=len(self.models))
+        log.info("worker_connected", url=self.dialer.url, models=len(self.models))
 
     async def on_disconnect(self) -> None:
         self.connected = False

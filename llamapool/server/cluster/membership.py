@@ -1,0 +1,494 @@
+"""This server's part in a cluster: what it tells the other servers through Redis, and what it
+learns from them.
+
+Each server owns what it knows first hand, its own workers, and publishes it; nothing is
+decided in Redis. In Redis (keys under ``llamapool:``), each server keeps:
+
+- ``server:<id>``: its signed announcement (id, the URL its peers reach it at), which expires
+  :data:`TTL` seconds after its last refresh (every :data:`REFRESH` s): a server killed
+  outright leaves the cluster that long after, with its workers;
+- ``workers:<id>``: a hash of its workers' entries (what they serve, their limit, their
+  requests in flight and from which server, their state API entry), expiring with it;
+- ``servers``: the set of server ids, pruned of those whose announcement expired.
+
+Every change to a worker (joined, left, models, status, a request started or ended) is
+written to the hash and published on ``events`` in one transaction; changes that happen in
+the same turn of the event loop leave together, so a busy server publishes at most one
+message per turn. The others apply it to their pool: a worker of another server is a
+:class:`~llamapool.server.pool.WorkerHandle` with a :class:`~.peer.RemoteLink`, whose load
+is the load its server reports from every other server, plus this server's own requests to
+it as it counts them itself. Its server is the one judge of its limit (see :mod:`.peer`);
+the others' counts are a fresh estimate, right within one message's delay.
+
+Each entry carries its server's sequence number, so an update older than what a server knows
+(a message delivered after a later full read) is ignored. When Redis is out of reach the
+server keeps serving its own workers, forgets the others' (it cannot hear from them), says so
+in ``/healthz``, the state API, the metrics and a warning, and retries; once back it
+publishes everything it has and reads everything the others have: entries are whole states,
+never increments, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections import Counter
+from collections.abc import Awaitable
+from typing import Any
+
+import attrs
+import orjson
+import redis.asyncio as redis
+import structlog
+from redis.exceptions import RedisError
+
+from llamapool.server.cluster.auth import ClusterAuth
+from llamapool.server.cluster.peer import Peer, RemoteLink, client_session
+from llamapool.server.pool import Pool, WorkerHandle
+from llamapool.server.registry import Registry
+from llamapool.server.state import PoolState
+
+log = structlog.get_logger("llamapool.server")
+
+PREFIX = "llamapool"
+EVENTS = f"{PREFIX}:events"
+SERVERS = f"{PREFIX}:servers"
+#: Seconds a server's entries outlive its last refresh.
+TTL = 3.0
+#: Seconds between two refreshes (and checks of who else is there).
+REFRESH = 1.0
+#: Longest wait between two attempts to reach Redis again.
+MAX_BACKOFF = 5.0
+
+
+def server_key(server_id: str) -> str:
+    return f"{PREFIX}:server:{server_id}"
+
+
+def workers_key(server_id: str) -> str:
+    return f"{PREFIX}:workers:{server_id}"
+
+
+def redis_url(url: str) -> str:
+    """``valkey://`` and ``valkeys://`` are Redis URLs under another name."""
+    for alias, scheme in (("valkey://", "redis://"), ("valkeys://", "rediss://")):
+        if url.startswith(alias):
+            return scheme + url.removeprefix(alias)
+    return url
+
+
+@attrs.define(eq=False)
+class _Remote:
+    """A worker connected to another server, as this server knows it."""
+
+    handle: WorkerHandle
+    #: Its server's sequence number of the entry last applied.
+    seq: int
+    #: Its requests in flight from servers other than this one, as its server reported.
+    others: int = 0
+    #: Its state API entry.
+    entry: dict[str, Any] = attrs.Factory(dict)
+
+
+class Cluster:
+    """Membership of one cluster: publish this server's workers, mirror the others'."""
+
+    def __init__(
+        self,
+        url: str,
+        keys: tuple[str, ...],
+        *,
+        pool: Pool,
+        state: PoolState,
+        registry: Registry,
+        server_id: str = "",
+    ) -> None:
+        self.id = server_id or secrets.token_hex(6)
+        self.auth = ClusterAuth(keys)
+        self.url = redis_url(url)
+        #: The URL the other servers reach this one at (set before :meth:`run`).
+        self.advertise_url = ""
+        self.pool = pool
+        self.state = state
+        self.registry = registry
+        self.connected = False
+        self.peers: dict[str, Peer] = {}
+        self.remote: dict[str, _Remote] = {}
+        #: Requests other servers sent to each local worker, in flight, by sending server.
+        self.origins: dict[str, Counter[str]] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._poke = asyncio.Event()
+        self._seq = 0
+        self._session = client_session()
+        self._task: asyncio.Task[None] | None = None
+        self._left = False
+        #: Rounds of refresh done (each also checks who else is in the cluster).
+        self.rounds = 0
+        pool.on_load = self._loaded
+        registry.announce = self.changed
+        state.server_id = self.id
+        state.cluster_view = self.view
+        state.remote_workers = self.remote_entries
+
+    # --- what happens here ----------------------------------------------------------------
+
+    def changed(self, worker: WorkerHandle) -> None:
+        """A local worker joined, left or changed: publish it (with this turn's others)."""
+        if not worker.server:
+            self._dirty.add(worker.id)
+            self._wake.set()
+
+    def _loaded(self, worker: WorkerHandle) -> None:
+        if not worker.server:
+            self._dirty.add(worker.id)
+            self._wake.set()
+
+    def forwarded(self, worker: WorkerHandle, origin: str, delta: int) -> None:
+        """A request from server ``origin`` started (+1) or ended (-1) on a local worker."""
+        counts = self.origins.setdefault(worker.id, Counter())
+        counts[origin] += delta
+        if counts[origin] <= 0:
+            del counts[origin]
+            if not counts:
+                del self.origins[worker.id]
+        self.changed(worker)
+
+    def _entry(self, worker_id: str) -> dict[str, Any] | None:
+        """What the cluster is told of a local worker; ``None``: it is not here (any more)."""
+        worker = self.pool.get(worker_id)
+        if worker is None or worker.server:
+            return None
+        entry = self.state.worker_entry(worker)
+        if entry is None:
+            return None
+        return {
+            "seq": self._seq,
+            "id": worker.id,
+            "name": worker.name,
+            "models": sorted(worker.models),
+            "paths": sorted(worker.paths) if worker.paths is not None else None,
+            "max_concurrency": worker.max_concurrency,
+            "protocol": worker.protocol,
+            "ready": worker.ready,
+            "draining": worker.draining,
+            "inflight": worker.inflight,
+            "origins": dict(self.origins.get(worker.id, {})),
+            "state": entry,
+        }
+
+    # --- what the other servers say --------------------------------------------------------
+
+    def _apply(self, server: str, worker_id: str, entry: dict[str, Any] | None, seq: int) -> None:
+        held = self.pool.get(worker_id)
+        if held is not None and not held.server:
+            return  # connected here: this server knows it first hand
+        known = self.remote.get(worker_id)
+        if known is not None and known.handle.server == server and seq < known.seq:
+            return  # older than what was applied already
+        if entry is None:
+            if known is not None and known.handle.server == server:
+                self._forget(worker_id)
+            return
+        peer = self.peers.get(server)
+        if peer is None:
+            return
+        fields = {
+            "models": frozenset(entry["models"]),
+            "paths": frozenset(entry["paths"]) if entry["paths"] is not None else None,
+            "max_concurrency": max(1, int(entry["max_concurrency"])),
+            "ready": bool(entry["ready"]),
+            "draining": bool(entry["draining"]),
+        }
+        if known is None or known.handle.server != server:
+            if known is not None:
+                self._forget(worker_id)
+            link = RemoteLink(peer, worker_id)
+            handle = WorkerHandle(
+                id=worker_id,
+                name=str(entry["name"]),
+                link=link,
+                protocol=int(entry["protocol"]),
+                server=server,
+                **fields,  # type: ignore[arg-type]
+            )
+            link.on_busy = lambda: self._full(worker_id)
+            known = self.remote[worker_id] = _Remote(handle, seq)
+            self.registry.remote_join(handle)
+        else:
+            handle = known.handle
+            changes = {k: v for k, v in fields.items() if getattr(handle, k) != v}
+            if changes:
+                self.registry.remote_update(handle, **changes)
+        known.seq = seq
+        known.entry = {**entry["state"], "server": server}
+        others = max(0, int(entry["inflight"]) - int(entry["origins"].get(self.id, 0)))
+        self._set_others(known, others)
+
+    def _set_others(self, known: _Remote, others: int) -> None:
+        handle = known.handle
+        mine = handle.inflight - known.others
+        known.others = others
+        self.pool.set_inflight(handle, others + max(0, mine))
+        self.registry.scheduler.dispatch()
+        self.state.changed()
+
+    def _full(self, worker_id: str) -> None:
+        """Its server refused a request: the worker is full, whatever this server thought,
+        until its server says otherwise."""
+        known = self.remote.get(worker_id)
+        if known is not None:
+            mine = known.handle.inflight - known.others
+            self._set_others(known, max(known.others, known.handle.max_concurrency - mine))
+
+    def _forget(self, worker_id: str) -> None:
+        known = self.remote.pop(worker_id, None)
+        if known is not None:
+            self.registry.remote_leave(known.handle)
+
+    def _drop(self, server: str, reason: str) -> None:
+        """A server ``left``, ``expired`` or is out of reach (``disconnected``): forget it
+        and its workers."""
+        for worker_id, known in list(self.remote.items()):
+            if known.handle.server == server:
+                self._forget(worker_id)
+        if self.peers.pop(server, None) is not None:
+            log.info("cluster_server_left", server=server, reason=reason)
+
+    def _degrade(self) -> None:
+        """Redis is out of reach: serve with the workers connected here only."""
+        for server in list(self.peers):
+            self._drop(server, "disconnected")
+        if self.connected:
+            self.connected = False
+            if not self._left:
+                log.warning("cluster_disconnected", server=self.id)
+        self.state.changed()
+
+    # --- views ------------------------------------------------------------------------------
+
+    def remote_entries(self) -> list[dict[str, Any]]:
+        return [known.entry for known in self.remote.values() if known.entry]
+
+    def view(self) -> dict[str, Any]:
+        """The ``cluster`` section of the state document."""
+        servers = [{"id": self.id, "url": self.advertise_url, "self": True}]
+        servers += [{"id": p.id, "url": p.url, "self": False} for p in self.peers.values()]
+        return {"server": self.id, "connected": self.connected, "servers": servers}
+
+    # --- the Redis side ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay in the cluster until cancelled, through Redis outages."""
+        backoff = 0.25
+        warned = False
+        while True:
+            client = redis.Redis.from_url(
+                self.url, socket_connect_timeout=2.0, socket_timeout=TTL, retry=None
+            )
+            try:
+                await self._member(client)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                if self.connected or not warned:
+                    log.warning(
+                        "cluster_unreachable", server=self.id, error=str(exc) or type(exc).__name__
+                    )
+                    warned = True
+                backoff = 0.25 if self.connected else min(backoff * 2, MAX_BACKOFF)
+            finally:
+                self._degrade()
+                await _quietly(client.aclose())
+            await asyncio.sleep(backoff)
+
+    async def _member(self, client: redis.Redis) -> None:
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(EVENTS)
+            await self._announce(client, full=True)
+            await self._refresh(client)
+            self.connected = True
+            self.state.changed()
+            log.info(
+                "cluster_joined", server=self.id, url=self.advertise_url, peers=len(self.peers)
+            )
+            tasks = [
+                asyncio.ensure_future(self._listen(pubsub)),
+                asyncio.ensure_future(self._keep(client)),
+                asyncio.ensure_future(self._publish(client)),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+
+    async def _announce(self, client: redis.Redis, *, full: bool = False) -> None:
+        """Refresh this server's announcement (and, ``full``, every worker entry)."""
+        ms = int(TTL * 1000)
+        payload = orjson.dumps({"id": self.id, "url": self.advertise_url})
+        signed = orjson.dumps({"server": payload.decode(), "sig": self.auth.sign(payload)})
+        pipe = client.pipeline(transaction=True)
+        pipe.set(server_key(self.id), signed, px=ms)
+        pipe.sadd(SERVERS, self.id)
+        if full:
+            self._seq += 1
+            entries = {
+                w.id: orjson.dumps(e) for w in self.pool if (e := self._entry(w.id)) is not None
+            }
+            pipe.delete(workers_key(self.id))
+            if entries:
+                pipe.hset(workers_key(self.id), mapping=entries)  # type: ignore[arg-type]
+        pipe.pexpire(workers_key(self.id), ms)
+        await pipe.execute()
+
+    async def _refresh(self, client: redis.Redis) -> None:
+        """Who is in the cluster now: adopt new servers, drop the expired."""
+        ids = sorted(_text(i) for i in await client.smembers(SERVERS))
+        others = [i for i in ids if i != self.id]
+        values = await client.mget([server_key(i) for i in others]) if others else []
+        live: dict[str, str] = {}
+        expired = []
+        for server, value in zip(others, values, strict=False):
+            url = self._verified(server, value) if value is not None else None
+            if url is None:
+                expired.append(server)
+            else:
+                live[server] = url
+        if expired:
+            await client.srem(SERVERS, *expired)
+        for server in list(self.peers):
+            if server not in live:
+                self._drop(server, "expired")
+        for server, url in live.items():
+            if server not in self.peers:
+                await self._adopt(client, server, url)
+
+    def _verified(self, server: str, value: bytes | str) -> str | None:
+        """The URL in a server's announcement, if a member of this cluster signed it."""
+        try:
+            outer = orjson.loads(value)
+            payload = outer["server"].encode()
+            if not self.auth.verify(payload, str(outer["sig"])):
+                raise ValueError("bad signature")
+            inner = orjson.loads(payload)
+            if inner["id"] != server or not str(inner["url"]).startswith(("http://", "https://")):
+                raise ValueError("wrong id or URL")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("cluster_announcement_invalid", server=server[:64])
+            return None
+        return str(inner["url"])
+
+    async def _adopt(self, client: redis.Redis, server: str, url: str) -> None:
+        self.peers[server] = Peer(server, url, self._session, self.auth, self.id)
+        log.info("cluster_server_joined", server=server, url=url)
+        entries = await client.hgetall(workers_key(server))
+        for worker_id, raw in entries.items():
+            entry = _loads(raw)
+            if entry is not None:
+                self._apply(server, _text(worker_id), entry, int(entry.get("seq", 0)))
+
+    async def _keep(self, client: redis.Redis) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), REFRESH)
+            self._poke.clear()
+            await self._announce(client)
+            await self._refresh(client)
+            self.rounds += 1
+
+    async def _publish(self, client: redis.Redis) -> None:
+        """Write and publish the workers that changed, a turn's changes in one message."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
+            if not dirty:
+                continue
+            self._seq += 1
+            entries = {worker_id: self._entry(worker_id) for worker_id in dirty}
+            present = {k: orjson.dumps(v) for k, v in entries.items() if v is not None}
+            absent = [k for k, v in entries.items() if v is None]
+            pipe = client.pipeline(transaction=True)
+            if present:
+                pipe.hset(workers_key(self.id), mapping=present)  # type: ignore[arg-type]
+            if absent:
+                pipe.hdel(workers_key(self.id), *absent)
+            pipe.pexpire(workers_key(self.id), int(TTL * 1000))
+            message = {"server": self.id, "seq": self._seq, "workers": entries}
+            pipe.publish(EVENTS, orjson.dumps(message))
+            await pipe.execute()
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=REFRESH)
+            if message is None:
+                continue
+            data = _loads(message["data"])
+            if data is None:
+                continue
+            server = str(data.get("server", ""))
+            if server == self.id:
+                continue
+            if data.get("bye"):
+                self._drop(server, "left")
+                continue
+            if server not in self.peers:
+                self._poke.set()  # a server new to this one: read it whole now
+                continue
+            seq = int(data.get("seq", 0))
+            for worker_id, entry in (data.get("workers") or {}).items():
+                self._apply(server, worker_id, entry, seq)
+
+    def start(self, advertise_url: str) -> None:
+        """Join, once the server listens, as ``advertise_url`` for the others."""
+        self.advertise_url = advertise_url
+        self._task = asyncio.ensure_future(self.run())
+
+    async def stop(self) -> None:
+        """Leave the cluster at once (a server stopping): the others stop sending requests
+        here; those in flight finish. Once only."""
+        if self._task is None or self._left:
+            return
+        self._left = True
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._leave()
+
+    async def _leave(self) -> None:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        try:
+            pipe = client.pipeline(transaction=True)
+            pipe.delete(server_key(self.id), workers_key(self.id))
+            pipe.srem(SERVERS, self.id)
+            pipe.publish(EVENTS, orjson.dumps({"server": self.id, "bye": True}))
+            await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass  # its entries expire on their own
+        finally:
+            await _quietly(client.aclose())
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _loads(raw: bytes | str) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def _quietly(closing: Awaitable[Any]) -> None:
+    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+        await closing

@@ -1,0 +1,247 @@
+"""Servers given one ``CLUSTER_URL`` act as one pool: any server answers any request, with the
+worker that serves it wherever that worker is connected.
+
+These tests run two or three servers in this process on one real Redis (see
+:mod:`.redis_helpers`), with real workers and the official ``openai`` client; the tests with
+``serve`` processes, SIGKILL and SO_REUSEPORT are in ``test_cluster_processes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import structlog
+
+from llamapool.backends.demo import DemoBackend, EchoOptions
+from llamapool.plugin_api import BackendSettings
+from llamapool.server.appkeys import SCHEDULER
+from llamapool.server.cluster.endpoint import CLUSTER
+from llamapool.server.cluster.peer import AUTH, PATH, RELAY_PATH, WORKER
+
+from . import redis_helpers
+from .conftest import API_KEY, PoolServer, wait_for
+from .redis_helpers import RedisServer
+
+redis_server = redis_helpers.redis_server
+
+CLUSTER_KEY = "test-cluster-key"
+
+Start = Callable[..., Awaitable[PoolServer]]
+
+
+@pytest.fixture
+async def clustered(redis_server: RedisServer, start_server: Start) -> Start:
+    """Start a server in the test cluster (keyword arguments override settings)."""
+
+    async def start(**overrides: Any) -> PoolServer:
+        settings: dict[str, Any] = {
+            "cluster_url": redis_server.url,
+            "cluster_keys": CLUSTER_KEY,
+        }
+        settings.update(overrides)
+        return await start_server(**settings)
+
+    return start
+
+
+async def together(*servers: PoolServer) -> None:
+    """Wait until every server knows every other."""
+
+    def joined() -> bool:
+        return all(
+            s.server.app[CLUSTER].connected and len(s.server.app[CLUSTER].peers) == len(servers) - 1
+            for s in servers
+        )
+
+    await wait_for(joined, timeout=10, what="the servers to find each other")
+
+
+def slow_backend(delay: float = 0.05) -> DemoBackend:
+    return DemoBackend(BackendSettings(url=""), options=EchoOptions(chunk_delay=delay))
+
+
+def client(server: PoolServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+async def ask(server: PoolServer, text: str, *, model: str = "demo", stream: bool = False) -> str:
+    messages: Any = [{"role": "user", "content": text}]
+    async with client(server) as sdk:
+        if not stream:
+            chat = await sdk.chat.completions.create(model=model, messages=messages)
+            return chat.choices[0].message.content or ""
+        parts = []
+        async for chunk in await sdk.chat.completions.create(
+            model=model, messages=messages, stream=True
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        return "".join(parts)
+
+
+async def test_any_server_answers_with_a_worker_connected_to_another(
+    clustered: Start, start_worker: Any
+) -> None:
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    await start_worker(b, worker_id="on-b")
+    await wait_for(lambda: a.pool.get("on-b") is not None, what="a to learn of b's worker")
+    assert a.pool.get("on-b").server == b.server.app[CLUSTER].id  # type: ignore[union-attr]
+
+    assert "across the cluster" in await ask(a, "across the cluster")
+    assert "and streamed" in await ask(a, "and streamed", stream=True)
+
+
+async def test_every_server_lists_the_whole_cluster(clustered: Start, start_worker: Any) -> None:
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    await start_worker(a, worker_id="on-a", worker_name="alpha")
+    await start_worker(b, worker_id="on-b", worker_name="beta")
+    await wait_for(lambda: a.pool.get("on-b") is not None and b.pool.get("on-a") is not None)
+    ids = {a.server.app[CLUSTER].id: "a", b.server.app[CLUSTER].id: "b"}
+    async with aiohttp.ClientSession(headers=a.auth) as http:
+        for server in (a, b):
+            async with http.get(server.url + "/api/v1/state") as response:
+                state = await response.json()
+            listed = {w["id"]: ids[w["server"]] for w in state["workers"]}
+            assert listed == {"on-a": "a", "on-b": "b"}  # each worker once, with its server
+            assert state["cluster"]["connected"] is True
+            assert len(state["cluster"]["servers"]) == 2
+            async with http.get(server.url + "/v1/models") as response:
+                models = await response.json()
+            assert [m["id"] for m in models["data"]] == ["demo"]
+            async with http.get(server.url + "/healthz") as response:
+                assert (await response.json())["cluster"] == "connected"
+
+
+async def test_a_workers_limit_holds_with_load_from_every_server(
+    clustered: Start, start_worker: Any
+) -> None:
+    """Two servers send twelve streams at once to the one worker that allows two at a time:
+    never more than two run on it, and every answer belongs to its request."""
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    backend = slow_backend(0.02)
+    await start_worker(b, backend, worker_id="only", max_concurrency=2)
+    await wait_for(lambda: a.pool.get("only") is not None)
+    worker = b.pool.get("only")
+    assert worker is not None
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, worker.inflight)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    texts = [f"request number {i}" for i in range(12)]
+    try:
+        answers = await asyncio.gather(
+            *(ask(a if i % 2 else b, text, stream=True) for i, text in enumerate(texts))
+        )
+    finally:
+        watcher.cancel()
+    for text, answer in zip(texts, answers, strict=True):
+        assert text in answer
+    assert peak == 2
+
+
+async def test_a_request_queued_on_one_server_takes_a_worker_freed_on_another(
+    clustered: Start, start_worker: Any
+) -> None:
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    await start_worker(b, slow_backend(0.05), worker_id="only", max_concurrency=1)
+    await wait_for(lambda: a.pool.get("only") is not None)
+    first = asyncio.create_task(ask(b, "first in line " * 4, stream=True))
+    await wait_for(lambda: b.pool.get("only").inflight == 1)  # type: ignore[union-attr]
+    await wait_for(lambda: a.pool.get("only").inflight == 1)  # type: ignore[union-attr]
+    second = asyncio.create_task(ask(a, "second in line", stream=True))
+    await wait_for(lambda: len(a.server.app[SCHEDULER]) == 1, what="the request to queue on a")
+    assert "first in line" in await first
+    assert "second in line" in await second
+
+
+async def test_a_server_that_leaves_takes_its_workers_out_of_every_view_at_once(
+    clustered: Start, start_worker: Any
+) -> None:
+    """A stopping server leaves first (before draining): the others stop offering its
+    workers on its word, not when its entries expire."""
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    await start_worker(b, worker_id="leaving")
+    await wait_for(lambda: a.pool.get("leaving") is not None)
+    with structlog.testing.capture_logs() as logs:
+        await b.server.app[CLUSTER].stop()
+        await wait_for(lambda: a.pool.get("leaving") is None, what="a to forget b's worker")
+    assert not a.server.app[CLUSTER].peers
+    b_id = b.server.app[CLUSTER].id
+    left = [e for e in logs if e["event"] == "cluster_server_left" and e["server"] == b_id]
+    assert [e["reason"] for e in left] == ["left"]
+
+
+async def test_without_redis_a_server_serves_its_own_workers_and_rejoins(
+    redis_server: RedisServer, clustered: Start, start_worker: Any
+) -> None:
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    await start_worker(a, worker_id="on-a")
+    await start_worker(b, worker_id="on-b")
+    await wait_for(lambda: a.pool.get("on-b") is not None and b.pool.get("on-a") is not None)
+
+    await redis_server.stop()
+    await wait_for(lambda: not a.server.app[CLUSTER].connected, what="a to notice")
+    assert a.pool.get("on-b") is None  # it cannot hear from b: b's workers are not offered
+    assert "still served" in await ask(a, "still served")
+    async with aiohttp.ClientSession() as http, http.get(a.url + "/healthz") as response:
+        assert response.status == 200
+        assert (await response.json())["cluster"] == "disconnected"
+
+    await redis_server.start()
+    await together(a, b)
+    await wait_for(lambda: a.pool.get("on-b") is not None and b.pool.get("on-a") is not None)
+    assert b.pool.get("on-b").inflight == 0  # type: ignore[union-attr]  # nothing counted twice
+    assert "after the outage" in await ask(a, "after the outage")
+
+
+async def test_only_a_member_of_the_cluster_may_send_a_request_to_its_workers(
+    clustered: Start, start_worker: Any
+) -> None:
+    a = await clustered()
+    await start_worker(a, worker_id="w")
+    forged = {WORKER: "w", PATH: "/v1/chat/completions", "Content-Type": "application/json"}
+    body = b'{"model": "demo", "messages": []}'
+    async with aiohttp.ClientSession() as http:
+        for token in ("", "x.1.y", a.server.app[CLUSTER].auth.token("x", now=0)):
+            async with http.post(
+                a.url + RELAY_PATH, headers={**forged, AUTH: token}, data=body
+            ) as response:
+                assert response.status == 401
+        # And a client's own X-Llamapool-* headers are no key to anything.
+        async with http.post(
+            a.url + "/v1/chat/completions",
+            headers={**a.auth, **forged, AUTH: "forged"},
+            data=body,
+        ) as response:
+            assert response.status == 200
+
+
+async def test_a_server_with_another_cluster_key_is_not_a_member(
+    clustered: Start, start_worker: Any
+) -> None:
+    a = await clustered()
+    outsider = await clustered(cluster_keys="another-key")
+    await start_worker(outsider, worker_id="outsider-worker")
+    await wait_for(lambda: a.server.app[CLUSTER].connected)
+    await wait_for(lambda: outsider.server.app[CLUSTER].connected)
+    rounds = a.server.app[CLUSTER].rounds
+    # Two full rounds of "who is there" later, the outsider is still no peer.
+    await wait_for(lambda: a.server.app[CLUSTER].rounds >= rounds + 2, what="two rounds")
+    assert a.pool.get("outsider-worker") is None
+    assert not a.server.app[CLUSTER].peers
