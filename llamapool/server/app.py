@@ -156,7 +156,12 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app[REGISTRY] = registry = Registry(pool, state, app[SCHEDULER], worker_keys=worker_keys)
     if cfg.cluster_url:
         app[CLUSTER] = Cluster(
-            cfg.cluster_url, cfg.cluster_keys, pool=pool, state=state, registry=registry
+            cfg.cluster_url,
+            cfg.cluster_keys,
+            pool=pool,
+            state=state,
+            registry=registry,
+            keys=keys,
         )
         app.add_routes([web.route("*", RELAY_PATH, relay_for_peer)])
         app.cleanup_ctx.append(_cluster_session)

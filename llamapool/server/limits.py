@@ -84,6 +84,11 @@ class KeyUsage:
     tokens: Bucket | None = None
     day: int = 0
     day_tokens: int = 0
+    #: In a cluster: the key's requests in progress on the other servers, and what this
+    #: server admitted and charged since it last told them (see ``cluster.usage``).
+    active_elsewhere: int = 0
+    unshared_requests: int = 0
+    unshared_tokens: int = 0
 
     def configure(self, key: ClientKey, now: float | None = None) -> None:
         """Apply a (re)loaded key's limits, keeping what was used so far."""
@@ -104,10 +109,13 @@ class KeyUsage:
             self.requests.level -= 1
         self.active += 1
         self.requests_total += 1
+        self.unshared_requests += 1
         return None
 
     def _check(self, key: ClientKey, now: float, wall: float) -> Refusal | None:
-        if key.max_concurrent is not None and self.active >= key.max_concurrent:
+        if key.max_concurrent is not None and (
+            self.active + self.active_elsewhere >= key.max_concurrent
+        ):
             return Refusal(
                 "concurrency",
                 "rate_limit_exceeded",
@@ -157,6 +165,30 @@ class KeyUsage:
             self.tokens.level -= used
         self._roll(time.time() if wall is None else wall)
         self.day_tokens += used
+        self.unshared_tokens += used
+
+    def take_unshared(self) -> tuple[int, int]:
+        """Requests admitted and tokens charged here since the last call (for the cluster)."""
+        taken = self.unshared_requests, self.unshared_tokens
+        self.unshared_requests = self.unshared_tokens = 0
+        return taken
+
+    def absorb(self, requests: int, tokens: int, now: float | None = None) -> None:
+        """Another server of the cluster admitted ``requests`` and charged ``tokens`` for this
+        key: they come out of the same rate buckets."""
+        now = time.monotonic() if now is None else now
+        if self.requests is not None and requests:
+            self.requests.refill(now)
+            self.requests.level -= requests
+        if self.tokens is not None and tokens:
+            self.tokens.refill(now)
+            self.tokens.level -= tokens
+
+    def day_total(self, total: int, day: int) -> None:
+        """The cluster's count of the key's tokens on ``day`` (UTC days since the epoch)."""
+        self._roll(time.time())
+        if day == self.day:
+            self.day_tokens = max(self.day_tokens, total)
 
     def _roll(self, wall: float) -> None:
         day = int(wall // _DAY)

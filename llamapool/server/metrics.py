@@ -151,6 +151,30 @@ class ServerMetrics:
             registry=r,
         )
 
+        # --- a cluster of servers (CLUSTER_URL) -------------------------------------------
+        self.cluster_connected = Gauge(
+            "llamapool_cluster_connected",
+            "1 while this server reaches the cluster's Redis (0: serving its own workers only).",
+            registry=r,
+        )
+        self.cluster_servers = Gauge(
+            "llamapool_cluster_servers",
+            "Servers of the cluster this server knows, itself included.",
+            registry=r,
+        )
+        self.cluster_workers = Gauge(
+            "llamapool_cluster_workers",
+            "Workers connected to any server of the cluster (the cluster's total).",
+            registry=r,
+        )
+        self.cluster_requests = Counter(
+            "llamapool_cluster_requests",
+            "Requests that crossed between servers: out (to a worker of another server) or "
+            "in (from another server, for a worker here).",
+            ["direction"],
+            registry=r,
+        )
+
         # --- MCP endpoints (labels: endpoint ids of connected relays, known methods) -------
         self.mcp_calls = Counter(
             "llamapool_mcp_calls",

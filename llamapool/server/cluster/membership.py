@@ -45,6 +45,8 @@ from redis.exceptions import RedisError
 
 from llamapool.server.cluster.auth import ClusterAuth
 from llamapool.server.cluster.peer import Peer, RemoteLink, client_session
+from llamapool.server.cluster.usage import SHARE_INTERVAL, SharedUsage, day_key, today
+from llamapool.server.keys import KeyStore
 from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.server.registry import Registry
 from llamapool.server.state import PoolState
@@ -97,15 +99,16 @@ class Cluster:
     def __init__(
         self,
         url: str,
-        keys: tuple[str, ...],
+        cluster_keys: tuple[str, ...],
         *,
         pool: Pool,
         state: PoolState,
         registry: Registry,
+        keys: KeyStore | None = None,
         server_id: str = "",
     ) -> None:
         self.id = server_id or secrets.token_hex(6)
-        self.auth = ClusterAuth(keys)
+        self.auth = ClusterAuth(cluster_keys)
         self.url = redis_url(url)
         #: The URL the other servers reach this one at (set before :meth:`run`).
         self.advertise_url = ""
@@ -122,6 +125,8 @@ class Cluster:
         self._poke = asyncio.Event()
         self._seq = 0
         self._session = client_session()
+        #: Client keys' use, shared so that their limits hold over the cluster.
+        self.usage = SharedUsage(keys) if keys is not None else None
         self._task: asyncio.Task[None] | None = None
         self._left = False
         #: Rounds of refresh done (each also checks who else is in the cluster).
@@ -131,6 +136,15 @@ class Cluster:
         state.server_id = self.id
         state.cluster_view = self.view
         state.remote_workers = self.remote_entries
+        self._metrics = state.metrics
+        self._count()
+
+    def _count(self) -> None:
+        """The cluster's gauges: whether it is reached, its servers and its workers."""
+        m = self._metrics
+        m.cluster_connected.set(1 if self.connected else 0)
+        m.cluster_servers.set(1 + len(self.peers))
+        m.cluster_workers.set(len(self.pool))  # its own and the others' workers
 
     # --- what happens here ----------------------------------------------------------------
 
@@ -139,6 +153,10 @@ class Cluster:
         if not worker.server:
             self._dirty.add(worker.id)
             self._wake.set()
+            self._count()
+
+    def _sent(self) -> None:
+        self._metrics.cluster_requests.labels("out").inc()
 
     def _loaded(self, worker: WorkerHandle) -> None:
         if not worker.server:
@@ -147,6 +165,8 @@ class Cluster:
 
     def forwarded(self, worker: WorkerHandle, origin: str, delta: int) -> None:
         """A request from server ``origin`` started (+1) or ended (-1) on a local worker."""
+        if delta > 0:
+            self._metrics.cluster_requests.labels("in").inc()
         counts = self.origins.setdefault(worker.id, Counter())
         counts[origin] += delta
         if counts[origin] <= 0:
@@ -216,6 +236,7 @@ class Cluster:
             link.on_busy = lambda: self._full(worker_id)
             known = self.remote[worker_id] = _Remote(handle, seq)
             self.registry.remote_join(handle)
+            self._count()
         else:
             handle = known.handle
             changes = {k: v for k, v in fields.items() if getattr(handle, k) != v}
@@ -246,6 +267,7 @@ class Cluster:
         known = self.remote.pop(worker_id, None)
         if known is not None:
             self.registry.remote_leave(known.handle)
+            self._count()
 
     def _drop(self, server: str, reason: str) -> None:
         """A server ``left``, ``expired`` or is out of reach (``disconnected``): forget it
@@ -253,17 +275,23 @@ class Cluster:
         for worker_id, known in list(self.remote.items()):
             if known.handle.server == server:
                 self._forget(worker_id)
+        if self.usage is not None:
+            self.usage.forget(server)
         if self.peers.pop(server, None) is not None:
             log.info("cluster_server_left", server=server, reason=reason)
+            self._count()
 
     def _degrade(self) -> None:
         """Redis is out of reach: serve with the workers connected here only."""
         for server in list(self.peers):
             self._drop(server, "disconnected")
+        if self.usage is not None:
+            self.usage.forget_all()
         if self.connected:
             self.connected = False
             if not self._left:
                 log.warning("cluster_disconnected", server=self.id)
+        self._count()
         self.state.changed()
 
     # --- views ------------------------------------------------------------------------------
@@ -308,6 +336,7 @@ class Cluster:
             await self._announce(client, full=True)
             await self._refresh(client)
             self.connected = True
+            self._count()
             self.state.changed()
             log.info(
                 "cluster_joined", server=self.id, url=self.advertise_url, peers=len(self.peers)
@@ -316,6 +345,7 @@ class Cluster:
                 asyncio.ensure_future(self._listen(pubsub)),
                 asyncio.ensure_future(self._keep(client)),
                 asyncio.ensure_future(self._publish(client)),
+                asyncio.ensure_future(self._share(client)),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -385,7 +415,8 @@ class Cluster:
         return str(inner["url"])
 
     async def _adopt(self, client: redis.Redis, server: str, url: str) -> None:
-        self.peers[server] = Peer(server, url, self._session, self.auth, self.id)
+        self.peers[server] = Peer(server, url, self._session, self.auth, self.id, sent=self._sent)
+        self._count()
         log.info("cluster_server_joined", server=server, url=url)
         entries = await client.hgetall(workers_key(server))
         for worker_id, raw in entries.items():
@@ -424,6 +455,30 @@ class Cluster:
             pipe.publish(EVENTS, orjson.dumps(message))
             await pipe.execute()
 
+    async def _share(self, client: redis.Redis) -> None:
+        """Every :data:`SHARE_INTERVAL`, tell the others how this server used the keys, and
+        count the daily budgets in Redis."""
+        usage = self.usage
+        if usage is None:
+            return
+        while True:
+            await asyncio.sleep(SHARE_INTERVAL)
+            news = usage.report()
+            budgets = usage.budgets()
+            if not news and not budgets:
+                continue
+            day = today()
+            pipe = client.pipeline(transaction=False)
+            for name in budgets:
+                key = day_key(PREFIX, name, day)
+                pipe.incrby(key, news[name][1] if name in news else 0)
+                pipe.expire(key, 2 * 86400)
+            if news:
+                pipe.publish(EVENTS, orjson.dumps({"server": self.id, "usage": news}))
+            results = await pipe.execute()
+            totals = results[0 : 2 * len(budgets) : 2]
+            usage.day_totals(dict(zip(budgets, totals, strict=True)), day)
+
     async def _listen(self, pubsub: Any) -> None:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=REFRESH)
@@ -440,6 +495,10 @@ class Cluster:
                 continue
             if server not in self.peers:
                 self._poke.set()  # a server new to this one: read it whole now
+                continue
+            if "usage" in data:
+                if self.usage is not None and isinstance(data["usage"], dict):
+                    self.usage.absorb(server, data["usage"])
                 continue
             seq = int(data.get("seq", 0))
             for worker_id, entry in (data.get("workers") or {}).items():

@@ -60,6 +60,8 @@ class Peer:
     auth: ClusterAuth = attrs.field(repr=False)
     #: This server's id (requests name where they come from).
     origin: str = ""
+    #: Called for each request sent to it (the metrics count them).
+    sent: Callable[[], None] = attrs.field(default=lambda: None, repr=False)
 
 
 class _Flow:
@@ -142,6 +144,7 @@ class RemoteLink:
         self, request: ProxyRequest, body: bytes, exchange: Exchange, flow: _Flow
     ) -> None:
         peer = self.peer
+        peer.sent()
         headers = {
             k: v for k, v in request.headers.items() if not k.lower().startswith("x-llamapool-")
         }
