@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shlex
 from collections.abc import Mapping
@@ -12,7 +11,7 @@ from typing import Any
 import attrs
 import click
 
-from llamapool import config_files
+from llamapool import config_files, eventloop
 from llamapool._cli_options import (
     apply_log_settings,
     config_fields,
@@ -217,4 +216,4 @@ def mcp(**params: Any) -> None:
 
     settings = mcp_settings(params)
     apply_log_settings(settings.log, "mcp.log")
-    asyncio.run(run.relay(settings.config))
+    eventloop.run(run.relay(settings.config))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import attrs
 import click
 
+from llamapool import eventloop
 from llamapool._cli_options import (
     PORT,
     apply_log_settings,
@@ -350,4 +350,4 @@ def serve(**params: Any) -> None:
         from llamapool import processes
 
         raise SystemExit(processes.supervise(settings))
-    asyncio.run(run.demo(cfg) if settings.demo else run.serve(cfg))
+    eventloop.run(run.demo(cfg) if settings.demo else run.serve(cfg))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import attrs
 import click
 
-from llamapool import config_files
+from llamapool import config_files, eventloop
 from llamapool._cli_options import (
     apply_log_settings,
     config_fields,
@@ -162,4 +161,4 @@ def work(**params: Any) -> None:
 
     settings = work_settings(params)
     apply_log_settings(settings.log, "worker.log")
-    asyncio.run(run.work(settings.config))
+    eventloop.run(run.work(settings.config))

@@ -14,7 +14,6 @@ refuse: then it stops them and fails), and exits once all have stopped.
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import os
 import signal
@@ -26,6 +25,7 @@ from types import FrameType
 import attrs
 import structlog
 
+from llamapool import eventloop
 from llamapool._cli_options import apply_log_settings
 from llamapool._cli_serve import ServeSettings
 
@@ -101,4 +101,4 @@ def _serve(settings: ServeSettings, index: int) -> None:
     )
     apply_log_settings(settings.log, f"server-{index}.log")
     structlog.contextvars.bind_contextvars(process=index)
-    asyncio.run(run.serve(cfg))
+    eventloop.run(run.serve(cfg))

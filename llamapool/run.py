@@ -18,6 +18,7 @@ import attrs
 import structlog
 from aiohttp import web
 
+from llamapool import eventloop
 from llamapool.backends.demo import DEMO_MODELS, DemoBackend
 from llamapool.config import ServeConfig, WorkConfig
 from llamapool.dialout import draining_on_signals
@@ -73,7 +74,7 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
             reuse_port=cfg.reuse_port or None,
         ).start()
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
-        log.info("server_listening", url=url, ws_path=cfg.ws_path)
+        log.info("server_listening", url=url, ws_path=cfg.ws_path, loop=eventloop.NAME)
         if CLUSTER in app:
             app[CLUSTER].start(await _peer_url(runner, cfg, url, tls))
         if cfg.metrics_port is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import importlib.util
 import json
 import re
 import shutil
@@ -360,6 +361,16 @@ async def test_demo_prints_a_curl_line_that_works() -> None:
     assert listening["url"] in demo.stdout_lines[0]
     assert f"Bearer {api_key}" in curl_line
     assert "echo: Hello, pool!" == json.loads(out)["choices"][0]["message"]["content"]
+
+
+async def test_serve_runs_on_uvloop_when_it_is_installed() -> None:
+    """``llamapool[fast]`` brings uvloop, and every process runs on it; without it, on
+    asyncio's own loop (the in-process tests run there, so both loops are tested)."""
+    expected = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    async with running_server() as (server, _):
+        listening = await server.event("server_listening")
+
+    assert expected == listening["loop"]
 
 
 # --- signals --------------------------------------------------------------------------------
