@@ -245,3 +245,68 @@ async def test_a_server_with_another_cluster_key_is_not_a_member(
     await wait_for(lambda: a.server.app[CLUSTER].rounds >= rounds + 2, what="two rounds")
     assert a.pool.get("outsider-worker") is None
     assert not a.server.app[CLUSTER].peers
+
+
+async def test_a_client_that_leaves_stops_the_job_on_the_other_server(
+    clustered: Start, start_worker: Any
+) -> None:
+    """The stream would run for 20 s; its client reads one chunk and leaves: the worker on the
+    other server is free again long before."""
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    await start_worker(b, slow_backend(0.1), worker_id="far")
+    await wait_for(lambda: a.pool.get("far") is not None)
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "word " * 200}],
+        "stream": True,
+    }
+    async with (
+        aiohttp.ClientSession(headers=a.auth) as http,
+        http.post(a.url + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200
+        await response.content.readany()
+        assert b.pool.get("far").inflight == 1  # type: ignore[union-attr]
+    await wait_for(
+        lambda: b.pool.get("far").inflight == 0,  # type: ignore[union-attr]
+        timeout=5,
+        what="the job on b to stop",
+    )
+
+
+async def test_garbage_in_redis_is_skipped_and_the_cluster_goes_on(
+    redis_server: RedisServer, clustered: Start, start_worker: Any
+) -> None:
+    """Redis is shared: whatever else writes there (malformed messages, entries that are not
+    a server's, a forged announcement) is skipped, and the servers go on as one pool."""
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    b_id = b.server.app[CLUSTER].id
+    with structlog.testing.capture_logs() as logs:
+        await send_junk(redis_server, b_id)
+        rounds = a.server.app[CLUSTER].rounds
+        await wait_for(lambda: a.server.app[CLUSTER].rounds >= rounds + 2, what="two rounds")
+    events = [e["event"] for e in logs]
+    assert "cluster_message_invalid" in events
+    assert not {"cluster_failed", "cluster_unreachable", "cluster_disconnected"} & set(events)
+    await start_worker(b, worker_id="after-the-junk")
+    await wait_for(lambda: a.pool.get("after-the-junk") is not None)
+    assert "forged" not in a.server.app[CLUSTER].peers
+    assert a.pool.get("ghost") is None
+    assert "still one pool" in await ask(a, "still one pool")
+
+
+async def send_junk(redis_server: RedisServer, b_id: str) -> None:
+    async with redis_server.client() as redis:
+        for junk in (
+            b"not json",
+            b"[1, 2]",
+            b'{"server": "%s", "seq": "x", "workers": {"w": 1}}' % b_id.encode(),
+            b'{"server": "%s", "usage": [1]}' % b_id.encode(),
+            b'{"server": "%s", "seq": 1, "workers": {"ghost": {"models": 5}}}' % b_id.encode(),
+        ):
+            await redis.publish("llamapool:events", junk)
+        await redis.hset(f"llamapool:workers:{b_id}", "bad", b'{"seq": 1}')
+        await redis.set("llamapool:server:forged", b'{"server": "{}", "sig": "00"}', px=5000)
+        await redis.sadd("llamapool:servers", "forged")

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import secrets
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -43,6 +43,7 @@ import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 
+from llamapool.log import Throttle
 from llamapool.server.cluster.auth import ClusterAuth
 from llamapool.server.cluster.peer import Peer, RemoteLink, client_session
 from llamapool.server.cluster.usage import SHARE_INTERVAL, SharedUsage, day_key, today
@@ -128,6 +129,7 @@ class Cluster:
         #: Client keys' use, shared so that their limits hold over the cluster.
         self.usage = SharedUsage(keys) if keys is not None else None
         self._task: asyncio.Task[None] | None = None
+        self._throttle = Throttle()
         self._left = False
         #: Rounds of refresh done (each also checks who else is in the cluster).
         self.rounds = 0
@@ -324,6 +326,9 @@ class Cluster:
                     )
                     warned = True
                 backoff = 0.25 if self.connected else min(backoff * 2, MAX_BACKOFF)
+            except Exception:  # a bug must not end the membership for good: log, start over
+                log.exception("cluster_failed", server=self.id)
+                backoff = MAX_BACKOFF
             finally:
                 self._degrade()
                 await _quietly(client.aclose())
@@ -422,7 +427,7 @@ class Cluster:
         for worker_id, raw in entries.items():
             entry = _loads(raw)
             if entry is not None:
-                self._apply(server, _text(worker_id), entry, int(entry.get("seq", 0)))
+                self._safely(server, self._apply_stored, server, _text(worker_id), entry)
 
     async def _keep(self, client: redis.Redis) -> None:
         while True:
@@ -496,13 +501,33 @@ class Cluster:
             if server not in self.peers:
                 self._poke.set()  # a server new to this one: read it whole now
                 continue
-            if "usage" in data:
-                if self.usage is not None and isinstance(data["usage"], dict):
-                    self.usage.absorb(server, data["usage"])
-                continue
-            seq = int(data.get("seq", 0))
-            for worker_id, entry in (data.get("workers") or {}).items():
-                self._apply(server, worker_id, entry, seq)
+            self._safely(server, self._take, server, data)
+
+    def _take(self, server: str, data: dict[str, Any]) -> None:
+        """A message of a known server: its keys' use, or its workers that changed."""
+        if "usage" in data:
+            if self.usage is not None:
+                self.usage.absorb(server, dict(data["usage"]))
+            return
+        seq = int(data.get("seq", 0))
+        for worker_id, entry in dict(data.get("workers") or {}).items():
+            self._apply(server, str(worker_id), entry, seq)
+
+    def _apply_stored(self, server: str, worker_id: str, entry: dict[str, Any]) -> None:
+        self._apply(server, worker_id, entry, int(entry.get("seq", 0)))
+
+    def _safely(self, server: str, apply: Callable[..., None], *args: Any) -> None:
+        """Apply what a server published; one malformed message (Redis is shared; anything
+        may write there) is logged and skipped, never the end of the membership."""
+        try:
+            apply(*args)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self._throttle.log(
+                log.warning,
+                "cluster_message_invalid",
+                reason=type(exc).__name__,
+                server=server[:64],
+            )
 
     def start(self, advertise_url: str) -> None:
         """Join, once the server listens, as ``advertise_url`` for the others."""
