@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from llamapool.server.appkeys import KEYS
+from llamapool.server.appkeys import KEYS, SCHEDULER
 from llamapool.server.cluster.endpoint import CLUSTER
 
 from . import redis_helpers
@@ -115,3 +115,41 @@ async def test_a_daily_budget_spent_on_one_server_is_spent_on_all_and_on_newcome
             with pytest.raises(openai.RateLimitError) as on_c_refused:
                 await on_c.chat.completions.create(model=MODEL, messages=messages)
     assert on_b_refused.value.code == on_c_refused.value.code == "insufficient_quota"
+
+
+async def test_the_queue_bounds_hold_over_the_servers(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """QUEUE_SIZE 2: with two requests waiting on a, a third one sent to b is refused (429)."""
+    keys = write_keys(tmp_path / "keys.yaml", f"keys:\n  - name: app\n    key: {KEY}\n")
+    servers = [
+        await start_server(
+            cluster_url=redis_server.url,
+            cluster_keys=CLUSTER_KEY,
+            keys_file=str(keys),
+            api_keys=(),
+            queue_size=2,
+        )
+        for _ in range(2)
+    ]
+    a, b = servers
+    await wait_for(lambda: all(len(s.server.app[CLUSTER].peers) == 1 for s in servers))
+    messages: Any = chat("wait")["messages"]
+    async with raw_worker(a) as worker, sdk(a, KEY) as on_a, sdk(b, KEY) as on_b:
+        await wait_for(lambda: b.pool.get("raw-1") is not None, what="b to learn of the worker")
+        calls = [
+            asyncio.create_task(on_a.chat.completions.create(model=MODEL, messages=messages))
+            for _ in range(3)
+        ]
+        first = await worker.next()  # one on the worker, two waiting on a
+        await wait_for(lambda: len(a.server.app[SCHEDULER]) == 2, what="two waiting on a")
+        scheduler_b = b.server.app[SCHEDULER]
+        await wait_for(
+            lambda: scheduler_b.queued_elsewhere(MODEL, "app") == 2, what="b to count them"
+        )
+        with pytest.raises(openai.RateLimitError) as refused:
+            await on_b.chat.completions.create(model=MODEL, messages=messages)
+        worker.auto = True
+        await worker.answer(first)
+        await asyncio.gather(*calls)
+    assert refused.value.code == "queue_full"

@@ -106,6 +106,10 @@ class Scheduler:
         self._by_key: Counter[str] = Counter()
         self._length = 0
         self._order = itertools.count()
+        #: In a cluster: requests waiting on the other servers, for a model and key, and in
+        #: all (the cluster sets them), so the queue bounds hold over the cluster.
+        self.queued_elsewhere: Callable[[str, str], int] = lambda model, key: 0
+        self.queued_elsewhere_total: Callable[[], int] = lambda: 0
 
     def __len__(self) -> int:
         return self._length
@@ -117,6 +121,13 @@ class Scheduler:
             for model, queue in self._queues.items()
             if any(name in worker.models for name in fallback_names(model))
         )
+
+    def lanes(self) -> dict[str, dict[str, int]]:
+        """Requests waiting per model and key name (what a cluster tells the others)."""
+        return {
+            model: {name: lane.live for name, lane in queue.lanes.items() if lane.live}
+            for model, queue in self._queues.items()
+        }
 
     def queued_by_key(self) -> dict[str, int]:
         """Queued requests per key name, over every model."""
@@ -147,9 +158,10 @@ class Scheduler:
         name, weight = (key.name, key.weight) if key is not None else (ANONYMOUS, 1.0)
         queue = self._queues.get(model)
         lane = queue.lanes.get(name) if queue is not None else None
-        if lane is not None and lane.live >= self.queue_size:
+        waiting = lane.live if lane is not None else 0
+        if waiting + self.queued_elsewhere(model, name) >= self.queue_size:
             raise QueueFullError(f"every worker serving {model!r} is busy and the queue is full")
-        if self.max_queued and self._length >= self.max_queued:
+        if self.max_queued and self._length + self.queued_elsewhere_total() >= self.max_queued:
             raise QueueFullError("every worker is busy and the queue is full")
         future = asyncio.get_running_loop().create_future()
         priority = key.priority if key is not None else 0

@@ -127,7 +127,7 @@ class Cluster:
         self._seq = 0
         self._session = client_session()
         #: Client keys' use, shared so that their limits hold over the cluster.
-        self.usage = SharedUsage(keys) if keys is not None else None
+        self.usage = SharedUsage(keys, registry.scheduler) if keys is not None else None
         self._task: asyncio.Task[None] | None = None
         self._throttle = Throttle()
         self._left = False
@@ -469,8 +469,9 @@ class Cluster:
         while True:
             await asyncio.sleep(SHARE_INTERVAL)
             news = usage.report()
+            lanes = usage.lanes()
             budgets = usage.budgets()
-            if not news and not budgets:
+            if not news and lanes is None and not budgets:
                 continue
             day = today()
             pipe = client.pipeline(transaction=False)
@@ -478,8 +479,11 @@ class Cluster:
                 key = day_key(PREFIX, name, day)
                 pipe.incrby(key, news[name][1] if name in news else 0)
                 pipe.expire(key, 2 * 86400)
-            if news:
-                pipe.publish(EVENTS, orjson.dumps({"server": self.id, "usage": news}))
+            if news or lanes is not None:
+                message: dict[str, Any] = {"server": self.id, "usage": news}
+                if lanes is not None:
+                    message["queued"] = lanes
+                pipe.publish(EVENTS, orjson.dumps(message))
             results = await pipe.execute()
             totals = results[0 : 2 * len(budgets) : 2]
             usage.day_totals(dict(zip(budgets, totals, strict=True)), day)
@@ -508,6 +512,8 @@ class Cluster:
         if "usage" in data:
             if self.usage is not None:
                 self.usage.absorb(server, dict(data["usage"]))
+                if "queued" in data:
+                    self.usage.absorb_lanes(server, dict(data["queued"]))
             return
         seq = int(data.get("seq", 0))
         for worker_id, entry in dict(data.get("workers") or {}).items():

@@ -1,4 +1,4 @@
-"""Client keys' limits held across the servers of a cluster.
+"""Client keys' limits and the queue bounds held across the servers of a cluster.
 
 Each server admits a request against its own view of the key (see
 :mod:`llamapool.server.limits`) and, every :data:`SHARE_INTERVAL`, tells the others what it
@@ -6,6 +6,10 @@ admitted and charged since, and how many of the key's requests it has in progres
 take the requests and tokens out of the same rate buckets and add the requests in progress to
 the key's concurrency. Daily budgets are counted in Redis itself (one counter per key name and
 UTC day, expiring after two days), so a server that joins or restarts knows what was spent.
+
+The queues are shared the same way: each report says how many requests wait on the server
+per model and key, and ``QUEUE_SIZE`` (per key and model) and ``MAX_QUEUED`` (in all) bound the
+sum over the servers.
 
 The bound: a server hears of the others' use within one interval (plus a pub/sub hop), so in
 the worst case the cluster admits, over a key's limit, what the other servers admitted for it
@@ -19,6 +23,7 @@ import time
 from typing import Any
 
 from llamapool.server.keys import KeyStore
+from llamapool.server.scheduler import Scheduler
 
 #: Seconds between two reports of a server's use of the keys.
 SHARE_INTERVAL = 0.25
@@ -32,8 +37,15 @@ def day_key(prefix: str, name: str, day: int) -> str:
 class SharedUsage:
     """What this server reports of its keys' use, and what it takes in from the others."""
 
-    def __init__(self, keys: KeyStore) -> None:
+    def __init__(self, keys: KeyStore, scheduler: Scheduler) -> None:
         self.keys = keys
+        self.scheduler = scheduler
+        #: Each other server's waiting requests, per model and key name.
+        self._queued: dict[str, dict[str, dict[str, int]]] = {}
+        self._queued_total: dict[str, int] = {}
+        self._reported_lanes: dict[str, dict[str, int]] = {}
+        scheduler.queued_elsewhere = self.queued_elsewhere
+        scheduler.queued_elsewhere_total = lambda: sum(self._queued_total.values())
         #: Each other server's requests in progress, per key name (whole counts, not deltas).
         self._active: dict[str, dict[str, int]] = {}
         #: What this server last reported in progress per key (a change is worth a report).
@@ -49,6 +61,27 @@ class SharedUsage:
                 news[name] = [requests, tokens, usage.active]
                 self._reported[name] = usage.active
         return news
+
+    def lanes(self) -> dict[str, dict[str, int]] | None:
+        """This server's waiting requests per model and key, if they changed since the last
+        report (whole counts)."""
+        lanes = self.scheduler.lanes()
+        if lanes == self._reported_lanes:
+            return None
+        self._reported_lanes = lanes
+        return lanes
+
+    def queued_elsewhere(self, model: str, key: str) -> int:
+        return sum(q.get(model, {}).get(key, 0) for q in self._queued.values())
+
+    def absorb_lanes(self, server: str, lanes: dict[str, Any]) -> None:
+        """Another server's waiting requests (whole counts)."""
+        clean = {
+            str(model): {str(k): max(0, int(n)) for k, n in dict(keys).items()}
+            for model, keys in lanes.items()
+        }
+        self._queued[server] = clean
+        self._queued_total[server] = sum(sum(k.values()) for k in clean.values())
 
     def budgets(self) -> list[str]:
         """Key names with a daily budget (counted in Redis)."""
@@ -68,11 +101,16 @@ class SharedUsage:
         self._recount()
 
     def forget(self, server: str) -> None:
-        """A server left: its requests in progress no longer count."""
+        """A server left: its requests in progress and waiting no longer count."""
+        self._queued.pop(server, None)
+        self._queued_total.pop(server, None)
         if self._active.pop(server, None) is not None:
             self._recount()
 
     def forget_all(self) -> None:
+        self._queued.clear()
+        self._queued_total.clear()
+        self._reported_lanes = {}
         self._active.clear()
         self._recount()
 
