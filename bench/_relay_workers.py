@@ -13,8 +13,10 @@ Each chunk is one SSE event carrying its stream's id, its sequence number and
 event knows how long the relay took. A stream runs until it is told to end: ``end_all`` on
 standard input ends every stream (a done event with the count, ``data: [DONE]``, then the end
 message), ``burst <t>`` ends the streams whose request asked for ``"burst": true`` at monotonic
-time ``t`` plus up to 50 ms. A request with ``"stream": false`` is answered at once, in one
-chunk. With ``--direct``, the same immediate answer is also served over plain HTTP, for the
+time ``t`` plus up to 50 ms. A streamed request that sets ``"max_tokens": K`` is a finite
+stream instead: its K events leave back to back, as fast as the socket takes them, then the
+done event (``bench_cluster.py``). A request with ``"stream": false`` is answered at once, in
+one chunk. With ``--direct``, the same immediate answer is also served over plain HTTP, for the
 direct baseline of the time to first byte.
 
 Standard output: ``ready`` once every worker has registered (``direct <url>`` before it), and
@@ -143,6 +145,10 @@ class Workers:
                 "headers": SSE_HEADERS,
             }
         )
+        tokens = ask.get("max_tokens")
+        if isinstance(tokens, int):
+            await self.send_all(stream, tokens)
+            return
         # Streams start at random phases, as real ones do.
         due = time.monotonic() + random.uniform(0, 1 / self.rate)
         heapq.heappush(self.heap, (due, next(self.order), stream))
@@ -180,6 +186,18 @@ class Workers:
                 stream.seq += 1
                 self.counters["chunks"] += 1
                 heapq.heappush(self.heap, (due + interval, next(self.order), stream))
+
+    async def send_all(self, stream: Stream, count: int) -> None:
+        """A finite stream: ``count`` events back to back, then the done event and the end."""
+        try:
+            for _ in range(count):
+                await stream.link.send_chunk(stream.request_id, self.event(stream))
+                stream.seq += 1
+            self.counters["chunks"] += count
+            await self.finish(stream)
+        except (ConnectionError, RuntimeError):  # the socket closed under us
+            stream.done = True
+            self.streams.pop((stream.link, stream.request_id), None)
 
     async def finish(self, stream: Stream) -> None:
         stream.done = True

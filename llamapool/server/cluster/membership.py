@@ -153,6 +153,8 @@ class Cluster:
     def changed(self, worker: WorkerHandle) -> None:
         """A local worker joined, left or changed: publish it (with this turn's others)."""
         if not worker.server:
+            if self.pool.get(worker.id) is worker:
+                self._forget(worker.id)  # connected here now: what others said of it is stale
             self._dirty.add(worker.id)
             self._wake.set()
             self._count()

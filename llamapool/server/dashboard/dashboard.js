@@ -214,7 +214,12 @@
 
     setText(parts.name, w.name || w.id);
     setText(parts.id, String(w.id).slice(0, 8));
-    setTitle(parts.id, `id ${w.id}` + (w.backend ? ` · backend ${w.backend}` : ""));
+    setTitle(
+      parts.id,
+      `id ${w.id}` +
+        (w.backend ? ` · backend ${w.backend}` : "") +
+        (w.server ? ` · connected to server ${w.server}` : ""),
+    );
 
     setText(parts.badge, status);
     if (parts.badge.dataset.status !== status) parts.badge.dataset.status = status;
