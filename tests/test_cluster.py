@@ -19,12 +19,13 @@ import structlog
 
 from llamapool.backends.demo import DemoBackend, EchoOptions
 from llamapool.plugin_api import BackendSettings
-from llamapool.server.appkeys import SCHEDULER
+from llamapool.server.appkeys import SCHEDULER, STATE
 from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.cluster.peer import AUTH, PATH, RELAY_PATH, WORKER
 
 from . import redis_helpers
 from .conftest import API_KEY, PoolServer, wait_for
+from .keys_helpers import MODEL, chat, raw_worker
 from .redis_helpers import RedisServer
 
 redis_server = redis_helpers.redis_server
@@ -150,6 +151,11 @@ async def test_a_workers_limit_holds_with_load_from_every_server(
     for text, answer in zip(texts, answers, strict=True):
         assert text in answer
     assert peak == 2
+    # A request refused for want of a slot goes back to a's queue and is sent again only once
+    # b reports a slot free, which happens at most once per request ended: a sends its 6, plus
+    # at most one retry for each of the 12 ends, never a stream of retries.
+    sent = a.server.app[STATE].metrics.cluster_requests.labels("out")._value.get()
+    assert 6 <= sent <= 18
 
 
 async def test_a_request_queued_on_one_server_takes_a_worker_freed_on_another(
@@ -310,3 +316,37 @@ async def send_junk(redis_server: RedisServer, b_id: str) -> None:
         await redis.hset(f"llamapool:workers:{b_id}", "bad", b'{"seq": 1}')
         await redis.set("llamapool:server:forged", b'{"server": "{}", "sig": "00"}', px=5000)
         await redis.sadd("llamapool:servers", "forged")
+
+
+async def test_requests_are_served_in_order_of_arrival_over_the_servers(
+    clustered: Start,
+) -> None:
+    """The worker on b frees up while a request waits on a and two, which came later, wait on
+    b: the one on a goes first, though b could have served its own."""
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    async with raw_worker(b) as worker, aiohttp.ClientSession() as http:
+        await wait_for(lambda: a.pool.get("raw-1") is not None)
+
+        async def post(server: PoolServer, text: str) -> int:
+            url = server.url + "/v1/chat/completions"
+            async with http.post(url, json=chat(text), headers=a.auth) as response:
+                await response.read()
+                return response.status
+
+        def send(server: PoolServer, text: str) -> asyncio.Task[int]:
+            return asyncio.create_task(post(server, text))
+
+        busy = send(b, "first")
+        held = await worker.next()
+        on_a = send(a, "waits on a")
+        await wait_for(lambda: len(a.server.app[SCHEDULER]) == 1)
+        a_id = a.server.app[CLUSTER].id
+        await wait_for(lambda: MODEL in b.server.app[CLUSTER]._heads.get(a_id, {}))
+        later = [send(b, "later on b"), send(b, "later still on b")]
+        await wait_for(lambda: len(b.server.app[SCHEDULER]) == 2)
+        worker.auto = True
+        await worker.answer(held)
+        statuses = await asyncio.gather(busy, on_a, *later)
+    assert [200] * 4 == statuses
+    assert ["first", "waits on a", "later on b", "later still on b"] == worker.contents()

@@ -36,6 +36,10 @@ from llamapool.errors import (
 from llamapool.server.keyfile import ANONYMOUS, Caller
 from llamapool.server.pool import Pool, WorkerHandle, fallback_names
 
+#: Seconds a server leaves a free slot to another server of its cluster whose next request
+#: came first, before serving its own (should that one not take it).
+DEFER_GRACE = 0.2
+
 
 @attrs.define(eq=False)
 class _Waiter:
@@ -47,6 +51,10 @@ class _Waiter:
     lane: _Lane
     #: Cleared when it leaves the queue; a lane drops left waiters lazily.
     queued: bool = True
+    #: When it arrived, by the wall clock (servers of a cluster compare it).
+    arrived: float = attrs.field(factory=time.time)
+    #: When it was first held back for a request of another server that came first.
+    deferred: float | None = None
 
 
 @attrs.define(eq=False)
@@ -110,6 +118,14 @@ class Scheduler:
         #: all (the cluster sets them), so the queue bounds hold over the cluster.
         self.queued_elsewhere: Callable[[str, str], int] = lambda model, key: 0
         self.queued_elsewhere_total: Callable[[], int] = lambda: 0
+        #: In a cluster: whether another server's next request for a model arrived before
+        #: the one this server would serve next (which then lets it have the slot), and what
+        #: to call when the queues change (the cluster sets them).
+        self.came_first_elsewhere: Callable[[str, float], bool] = lambda model, arrived: False
+        self.on_queue: Callable[[], None] = lambda: None
+        self._recheck: asyncio.TimerHandle | None = None
+        #: Models whose freed slot is left to another server, until when (monotonic).
+        self._held: dict[str, float] = {}
 
     def __len__(self) -> int:
         return self._length
@@ -204,6 +220,10 @@ class Scheduler:
                 before += min(other.live, turns)
         return 1 + ahead + before
 
+    def heads(self) -> dict[str, float]:
+        """For each model with waiters, when the request served next arrived (wall clock)."""
+        return {model: self._next(q)[1].arrived for model, q in self._queues.items() if q.length}
+
     def release(self, worker: WorkerHandle) -> None:
         """Give a slot back and offer it to the queue."""
         self.pool.release(worker)
@@ -214,12 +234,18 @@ class Scheduler:
         leave).
 
         Waiters whose model no worker serves any more fail at once instead of timing out.
+        In a cluster, a server whose next request for a model came after another server's
+        leaves the free slots to that one, for at most :data:`DEFER_GRACE` seconds (in case
+        the other cannot use them), so requests are served in order of arrival over the
+        cluster, not those of the worker's own server first.
         """
         if not self._length:
             return
         for model, queue in list(self._queues.items()):
             while queue.length:
                 turn, waiter = self._next(queue)
+                if self._defer(model, waiter):
+                    break
                 try:
                     worker = self.pool.acquire(model, waiter.path, exclude=waiter.exclude)
                 except WorkersBusyError:
@@ -231,6 +257,35 @@ class Scheduler:
                 self._served(queue, turn, waiter.lane)
                 self._leave(waiter, waited=time.monotonic() - waiter.since)
                 waiter.future.set_result(worker)
+
+    def taken_elsewhere(self, model: str) -> None:
+        """A request from another server is about to take a slot for ``model``: the slot left
+        to it is used (the next one freed is not held any more unless that server still has
+        a request that came first)."""
+        self._held.pop(model, None)
+
+    def _defer(self, model: str, waiter: _Waiter) -> bool:
+        """Whether to leave a freed slot to the server whose request came first. The slot is
+        held until that server's request arrives (its queue may say it has none waiting the
+        moment it sent it), at most :data:`DEFER_GRACE` seconds per waiter here."""
+        now = time.monotonic()
+        held = self._held.get(model, 0.0) > now
+        if not held and not self.came_first_elsewhere(model, waiter.arrived):
+            return False
+        if waiter.deferred is None:
+            waiter.deferred = now
+        elif now - waiter.deferred >= DEFER_GRACE:
+            self._held.pop(model, None)
+            return False
+        if not held:
+            self._held[model] = now + DEFER_GRACE
+        if self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(DEFER_GRACE, self._rechecked)
+        return True
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self.dispatch()
 
     # The queues change only in _join and _leave, which report every new length.
 
@@ -262,6 +317,7 @@ class Scheduler:
         self._by_key[name] += 1
         self._length += 1
         self._on_change(self._length, None)
+        self.on_queue()
         return waiter
 
     def _next(self, queue: _ModelQueue) -> tuple[float, _Waiter]:
@@ -302,6 +358,7 @@ class Scheduler:
             del self._by_key[lane.name]
         self._length -= 1
         self._on_change(self._length, waited)
+        self.on_queue()
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter stopped waiting (timeout, client gone): leave the queue, return any slot."""

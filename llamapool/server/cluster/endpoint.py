@@ -6,7 +6,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from llamapool.server.appkeys import LOG_THROTTLE, POOL
+from llamapool.server.appkeys import LOG_THROTTLE, POOL, SCHEDULER
 from llamapool.server.cluster.membership import Cluster
 from llamapool.server.cluster.peer import (
     AUTH,
@@ -42,13 +42,16 @@ async def relay_for_peer(request: web.Request) -> web.StreamResponse:
     worker = request.app[POOL].get(request.headers.get(WORKER, ""))
     if worker is None or worker.server or not path.startswith("/"):
         return _refuse(503, REFUSED_GONE, "the worker is not connected to this server")
+    model = request.headers.get(MODEL, "")
+    if model:
+        request.app[SCHEDULER].taken_elsewhere(model)
     cluster.forwarded(worker, origin, +1)
     try:
         return await relay_forwarded(
             request,
             worker,
             path=path,
-            model=request.headers.get(MODEL, ""),
+            model=model,
             stream=request.headers.get(STREAM) == "1",
         )
     except NotStarted as exc:

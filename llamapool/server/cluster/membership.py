@@ -63,6 +63,8 @@ TTL = 3.0
 REFRESH = 1.0
 #: Longest wait between two attempts to reach Redis again.
 MAX_BACKOFF = 5.0
+#: Seconds a cancelled task gets to end before it is cancelled again (see :func:`_cancel`).
+RECANCEL = 0.5
 
 
 def server_key(server_id: str) -> str:
@@ -130,6 +132,12 @@ class Cluster:
         self.usage = SharedUsage(keys, registry.scheduler) if keys is not None else None
         self._task: asyncio.Task[None] | None = None
         self._throttle = Throttle()
+        #: For each other server, when its next request for each model arrived (wall clock).
+        self._heads: dict[str, dict[str, float]] = {}
+        self._queue_changed = False
+        self.scheduler = registry.scheduler
+        self.scheduler.came_first_elsewhere = self._came_first
+        self.scheduler.on_queue = self._queued
         self._left = False
         #: Rounds of refresh done (each also checks who else is in the cluster).
         self.rounds = 0
@@ -158,6 +166,14 @@ class Cluster:
             self._dirty.add(worker.id)
             self._wake.set()
             self._count()
+
+    def _queued(self) -> None:
+        """This server's queues changed: tell the others which request it serves next."""
+        self._queue_changed = True
+        self._wake.set()
+
+    def _came_first(self, model: str, arrived: float) -> bool:
+        return any(heads.get(model, arrived) < arrived for heads in self._heads.values())
 
     def _sent(self) -> None:
         self._metrics.cluster_requests.labels("out").inc()
@@ -263,9 +279,8 @@ class Cluster:
         """Its server refused a request: the worker is full, whatever this server thought,
         until its server says otherwise."""
         known = self.remote.get(worker_id)
-        if known is not None:
-            mine = known.handle.inflight - known.others
-            self._set_others(known, max(known.others, known.handle.max_concurrency - mine))
+        if known is not None:  # full of others' requests: the refused one was not let in
+            self._set_others(known, known.handle.max_concurrency)
 
     def _forget(self, worker_id: str) -> None:
         known = self.remote.pop(worker_id, None)
@@ -281,6 +296,7 @@ class Cluster:
                 self._forget(worker_id)
         if self.usage is not None:
             self.usage.forget(server)
+        self._heads.pop(server, None)
         if self.peers.pop(server, None) is not None:
             log.info("cluster_server_left", server=server, reason=reason)
             self._count()
@@ -343,6 +359,7 @@ class Cluster:
             await self._announce(client, full=True)
             await self._refresh(client)
             self.connected = True
+            self._queued()  # tell the others which requests this server serves next
             self._count()
             self.state.changed()
             log.info(
@@ -359,9 +376,7 @@ class Cluster:
                 for task in done:
                     task.result()
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await _cancel(tasks)
         finally:
             await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
 
@@ -446,7 +461,8 @@ class Cluster:
             await self._wake.wait()
             self._wake.clear()
             dirty, self._dirty = self._dirty, set()
-            if not dirty:
+            queue_changed, self._queue_changed = self._queue_changed, False
+            if not dirty and not queue_changed:
                 continue
             self._seq += 1
             entries = {worker_id: self._entry(worker_id) for worker_id in dirty}
@@ -458,7 +474,9 @@ class Cluster:
             if absent:
                 pipe.hdel(workers_key(self.id), *absent)
             pipe.pexpire(workers_key(self.id), int(TTL * 1000))
-            message = {"server": self.id, "seq": self._seq, "workers": entries}
+            message: dict[str, Any] = {"server": self.id, "seq": self._seq, "workers": entries}
+            if queue_changed:
+                message["next"] = self.scheduler.heads()
             pipe.publish(EVENTS, orjson.dumps(message))
             await pipe.execute()
 
@@ -518,8 +536,12 @@ class Cluster:
                     self.usage.absorb_lanes(server, dict(data["queued"]))
             return
         seq = int(data.get("seq", 0))
+        if "next" in data:
+            self._heads[server] = {str(m): float(t) for m, t in dict(data["next"]).items()}
         for worker_id, entry in dict(data.get("workers") or {}).items():
             self._apply(server, str(worker_id), entry, seq)
+        if "next" in data:
+            self.scheduler.dispatch()  # a server this one deferred to may have none waiting now
 
     def _apply_stored(self, server: str, worker_id: str, entry: dict[str, Any]) -> None:
         self._apply(server, worker_id, entry, int(entry.get("seq", 0)))
@@ -548,8 +570,7 @@ class Cluster:
         if self._task is None or self._left:
             return
         self._left = True
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await _cancel([self._task])
         await self._leave()
 
     async def _leave(self) -> None:
@@ -584,3 +605,24 @@ def _loads(raw: bytes | str) -> dict[str, Any] | None:
 async def _quietly(closing: Awaitable[Any]) -> None:
     with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
         await closing
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended, cancelling again each that goes on.
+
+    Once is not always enough: on Python 3.11, ``asyncio.wait_for`` (which redis-py sends every
+    command through, given a socket timeout) swallows a cancellation that comes just as what
+    it waits for is done, and the task runs on, so a server would never finish stopping. If
+    the task awaiting this is cancelled meanwhile, it still waits for them, then raises.
+    """
+    cancelled = False
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        try:
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
