@@ -347,6 +347,8 @@ def serve(**params: Any) -> None:
     apply_log_settings(settings.log, "server.log")
     cfg = settings.config
     if cfg.processes > 1:
+        if settings.demo:
+            raise ConfigError("--demo runs one process: leave out --processes")
         from llamapool import processes
 
         raise SystemExit(processes.supervise(settings))

@@ -144,6 +144,19 @@ def test_console_script_runs() -> None:
             ["work"], {"MAX_CONCURRENCY": "many"}, "MAX_CONCURRENCY", id="concurrency-env"
         ),
         pytest.param(["work", "--server-url", "not-a-url"], {}, "not-a-url", id="server-url"),
+        pytest.param(
+            ["serve"], {"CLUSTER_URL": "http://redis"}, "CLUSTER_URL", id="cluster-url-scheme"
+        ),
+        pytest.param(
+            ["serve"], {"CLUSTER_URL": "redis://127.0.0.1:1"}, "CLUSTER_KEY", id="cluster-key"
+        ),
+        pytest.param(
+            ["serve", "--cluster-url", "redis://127.0.0.1:1", "--cluster-key", "k"],
+            {},
+            "CLUSTER_ADVERTISE_URL",
+            id="cluster-wildcard-host",
+        ),
+        pytest.param(["serve", "--processes", "2"], {}, "CLUSTER_URL", id="processes"),
     ],
 )
 def test_bad_value_is_one_line_and_non_zero_exit(
