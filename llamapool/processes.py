@@ -9,7 +9,9 @@ whichever process it is connected to (see :mod:`llamapool.server.cluster`).
 The parent only supervises. It forwards SIGTERM, SIGINT and SIGHUP (the processes are in a
 process group of their own, so a terminal's Ctrl-C reaches each once, through it), restarts a
 process that died (unless the processes keep dying at start, which is a setting they all
-refuse: then it stops them and fails), and exits once all have stopped.
+refuse: then it stops them and fails), and exits once all have stopped, with a non-zero
+status if one did not stop cleanly. A process whose supervisor is gone (killed outright)
+stops on its own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -73,6 +76,8 @@ def supervise(settings: ServeSettings) -> int:
                 continue
             del children[index]
             if stopping:
+                if process.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
+                    status = 1  # it did not stop cleanly
                 continue
             lived = time.monotonic() - started
             failed_starts = failed_starts + 1 if lived < SHORT_LIFE else 0
@@ -87,11 +92,20 @@ def supervise(settings: ServeSettings) -> int:
     return status
 
 
+def _orphaned(parent: int) -> None:
+    """Stop (draining, as on SIGTERM) once the supervisor is gone, even killed outright: a
+    server process must not go on serving on its own, out of anyone's control."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _serve(settings: ServeSettings, index: int) -> None:
     """One server process: its own process group, the shared port, its own metrics port."""
     from llamapool import run
 
     os.setpgrp()  # a terminal's Ctrl-C reaches it once, through the supervisor
+    threading.Thread(target=_orphaned, args=(os.getppid(),), daemon=True).start()
     cfg = settings.config
     cfg = attrs.evolve(
         cfg,
