@@ -318,6 +318,14 @@ def _keys(listed: str, path: str) -> tuple[str, ...]:
     "address, when --host is a specific address]",
 )
 @option(
+    "--cluster-ca-file",
+    envvar="CLUSTER_CA_FILE",
+    default="",
+    show_default=False,
+    help="PEM file of the CAs to check the other servers' TLS certificates against.  "
+    "[default: the system's]",
+)
+@option(
     "--processes",
     envvar="PROCESSES",
     type=click.IntRange(min=1),

@@ -111,6 +111,9 @@ class ServeConfig:
     cluster_keys: tuple[str, ...] = attrs.field(default=(), converter=comma_separated, repr=False)
     #: The URL the other servers reach this one at (default: the listening address).
     cluster_advertise_url: str = ""
+    #: PEM file of the CAs the other servers' TLS certificates are checked against (default:
+    #: the system's).
+    cluster_ca_file: str = ""
     #: Share the listening port with other processes (SO_REUSEPORT): several processes of one
     #: host, one cluster (each also listens on a port of its own for its peers).
     reuse_port: bool = False

@@ -30,6 +30,7 @@ from llamapool.worker.agent import Agent
 
 from .cli_helpers import cli_env, cli_process, run_cli, ws_url
 from .conftest import wait_for
+from .redis_helpers import running_redis
 
 API_KEY = "tls-api-key"
 WORKER_KEY = "tls-worker-key"
@@ -359,3 +360,34 @@ async def test_a_cli_pool_runs_over_tls(certs: Certs) -> None:
     assert 2 == health["workers"]
     assert "warning" == warning["level"]
     assert [] == [e for e in verifying.events if e.get("event") == "tls_verification_disabled"]
+
+
+async def test_servers_of_a_cluster_talk_over_tls(certs: Certs) -> None:
+    """With TLS on each server, a request crosses to the other server over HTTPS, its
+    certificate checked against CLUSTER_CA_FILE."""
+    async with running_redis(unix_socket=False) as redis:
+        cluster = {
+            "cluster_url": redis.url,
+            "cluster_keys": "tls-cluster-key",
+            "cluster_ca_file": str(certs.ca),
+        }
+        async with tls_pool(certs, **cluster) as a_url, tls_pool(certs, **cluster) as b_url:
+            assert b_url.startswith("https://")
+            async with demo_worker(wss(b_url), ca_file=str(certs.ca)) as agent:
+                await registered(agent)
+                async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=trusting(certs)),
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                ) as http:
+
+                    async def listed_on_a() -> bool:
+                        async with http.get(a_url + "/v1/models") as response:
+                            return bool((await response.json())["data"])
+
+                    deadline = asyncio.get_running_loop().time() + 10
+                    while not await listed_on_a():
+                        assert asyncio.get_running_loop().time() < deadline, "never listed"
+                        await asyncio.sleep(0.05)
+                    async with http.post(a_url + "/v1/chat/completions", json=CHAT) as response:
+                        answer = await response.json()
+    assert "over tls" in answer["choices"][0]["message"]["content"]

@@ -162,6 +162,7 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
             state=state,
             registry=registry,
             keys=keys,
+            ca_file=cfg.cluster_ca_file,
         )
         app.add_routes([web.route("*", RELAY_PATH, relay_for_peer)])
         app.cleanup_ctx.append(_cluster_session)

@@ -108,6 +108,7 @@ class Cluster:
         state: PoolState,
         registry: Registry,
         keys: KeyStore | None = None,
+        ca_file: str = "",
         server_id: str = "",
     ) -> None:
         self.id = server_id or secrets.token_hex(6)
@@ -127,7 +128,7 @@ class Cluster:
         self._wake = asyncio.Event()
         self._poke = asyncio.Event()
         self._seq = 0
-        self._session = client_session()
+        self._session = client_session(ca_file)
         #: Client keys' use, shared so that their limits hold over the cluster.
         self.usage = SharedUsage(keys, registry.scheduler) if keys is not None else None
         self._task: asyncio.Task[None] | None = None

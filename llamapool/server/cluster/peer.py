@@ -21,6 +21,7 @@ any byte, so failover keeps working across servers.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 
 import aiohttp
@@ -191,11 +192,13 @@ def _joined(response: aiohttp.ClientResponse) -> dict[str, str]:
     return headers
 
 
-def client_session() -> aiohttp.ClientSession:
+def client_session(ca_file: str = "") -> aiohttp.ClientSession:
     """The one session a server reaches its peers with: connections kept and reused, no
-    limit per peer (a server's own limits bound the requests), no body decoding."""
+    limit per peer (a server's own limits bound the requests), no body decoding; over TLS,
+    certificates checked against ``ca_file`` (default: the system's CAs)."""
+    tls = ssl.create_default_context(cafile=ca_file) if ca_file else True
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+        connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True, ssl=tls),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
