@@ -350,3 +350,20 @@ async def test_requests_are_served_in_order_of_arrival_over_the_servers(
         statuses = await asyncio.gather(busy, on_a, *later)
     assert [200] * 4 == statuses
     assert ["first", "waits on a", "later on b", "later still on b"] == worker.contents()
+
+
+async def test_a_worker_of_another_server_is_not_evicted_for_its_silence_here(
+    clustered: Start, start_worker: Any
+) -> None:
+    """Heartbeats reach the server a worker is connected to, which watches them; the others
+    keep offering it well past their WORKER_TIMEOUT."""
+    a, b = await clustered(worker_timeout=0.5), await clustered(worker_timeout=0.5)
+    await together(a, b)
+    await start_worker(b, worker_id="far", heartbeat_interval=0.1)
+    await wait_for(lambda: a.pool.get("far") is not None)
+    far = b.pool.get("far")
+    assert far is not None
+    since = far.last_heartbeat
+    await wait_for(lambda: far.last_heartbeat > since + 2.0, what="b to hear 2 s of heartbeats")
+    assert a.pool.get("far") is not None
+    assert "still offered" in await ask(a, "still offered")

@@ -67,8 +67,9 @@ class Registry:
 
     def leave(self, worker: WorkerHandle) -> bool:
         """A worker is gone (its socket closed, or it was evicted); ``False`` if it already
-        was, or a new connection of the same worker replaced it."""
-        if not self.pool.remove(worker):
+        was, or a new connection of the same worker replaced it. A worker of another server
+        leaves only when the cluster says so (:meth:`remote_leave`)."""
+        if worker.server or not self.pool.remove(worker):
             return False
         self.state.worker_left(worker)
         self.state.models_changed()

@@ -253,7 +253,8 @@ def _on_text(
 
 
 async def evict_silent_workers(app: web.Application) -> AsyncIterator[None]:
-    """Background task: close the connection of a worker silent for ``worker_timeout``."""
+    """Background task: close the connection of a worker silent for ``worker_timeout``
+    (workers connected here: another server of a cluster watches its own)."""
     cfg, registry = app[CONFIG], app[REGISTRY]
 
     async def sweep() -> None:
@@ -261,7 +262,7 @@ async def evict_silent_workers(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(min(1.0, cfg.worker_timeout / 3))
             now = time.monotonic()
             for worker in registry.pool:
-                if now - worker.last_heartbeat > cfg.worker_timeout:
+                if not worker.server and now - worker.last_heartbeat > cfg.worker_timeout:
                     log.warning("worker_evicted", worker_id=worker.id, reason="no heartbeat")
                     registry.leave(worker)
                     worker.link.close_soon("heartbeat timeout")
