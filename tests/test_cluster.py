@@ -22,9 +22,10 @@ from llamapool.plugin_api import BackendSettings
 from llamapool.server.appkeys import SCHEDULER, STATE
 from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.cluster.peer import AUTH, PATH, RELAY_PATH, WORKER
+from llamapool.testing import create_fake_ollama_app
 
 from . import redis_helpers
-from .conftest import API_KEY, PoolServer, wait_for
+from .conftest import API_KEY, PoolServer, url_of, wait_for
 from .keys_helpers import MODEL, chat, raw_worker
 from .redis_helpers import RedisServer
 
@@ -118,6 +119,8 @@ async def test_every_server_lists_the_whole_cluster(clustered: Start, start_work
             assert [m["id"] for m in models["data"]] == ["demo"]
             async with http.get(server.url + "/healthz") as response:
                 assert (await response.json())["cluster"] == "connected"
+            async with http.get(server.url + "/api/tags") as response:
+                assert [m["name"] for m in (await response.json())["models"]] == ["demo"]
 
 
 async def test_a_workers_limit_holds_with_load_from_every_server(
@@ -367,3 +370,20 @@ async def test_a_worker_of_another_server_is_not_evicted_for_its_silence_here(
     await wait_for(lambda: far.last_heartbeat > since + 2.0, what="b to hear 2 s of heartbeats")
     assert a.pool.get("far") is not None
     assert "still offered" in await ask(a, "still offered")
+
+
+async def test_api_ps_asks_the_workers_of_every_server(
+    clustered: Start, start_worker: Any, aiohttp_server: Any
+) -> None:
+    """``/api/ps`` on a lists what the Ollama behind a worker on b holds in memory."""
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    ollama = await aiohttp_server(create_fake_ollama_app(models=["llama3:8b"]))
+    await start_worker(b, "ollama", backend_url=url_of(ollama), worker_id="ollama-on-b")
+    await wait_for(lambda: a.pool.get("ollama-on-b") is not None)
+    async with (
+        aiohttp.ClientSession(headers=a.auth) as http,
+        http.get(a.url + "/api/ps") as response,
+    ):
+        running = (await response.json())["models"]
+    assert [("llama3:8b", 4_920_753_328)] == [(m["name"], m["size"]) for m in running]
