@@ -19,6 +19,7 @@ import structlog
 
 from llamapool.backends.demo import DemoBackend, EchoOptions
 from llamapool.plugin_api import BackendSettings
+from llamapool.server import relay
 from llamapool.server.appkeys import SCHEDULER, STATE
 from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.cluster.peer import AUTH, PATH, RELAY_PATH, WORKER
@@ -387,3 +388,25 @@ async def test_api_ps_asks_the_workers_of_every_server(
     ):
         running = (await response.json())["models"]
     assert [("llama3:8b", 4_920_753_328)] == [(m["name"], m["size"]) for m in running]
+
+
+async def test_a_responses_follow_up_reaches_its_worker_through_any_server(
+    clustered: Start, start_worker: Any
+) -> None:
+    """A stored response made through a is followed up, and fetched, through b: b asks the
+    cluster which worker holds it."""
+    a, b, c = await clustered(), await clustered(), await clustered()
+    await together(a, b, c)
+    await start_worker(c, worker_id="holder")
+    await start_worker(c, worker_id="other")
+    await wait_for(lambda: a.pool.get("other") is not None and b.pool.get("other") is not None)
+    async with client(a) as via_a, client(b) as via_b:
+        first = await via_a.responses.create(model="demo", input="remember me")
+        holder = c.server.app[relay.AFFINITY].holder(first.id)
+        assert holder is None  # c only served it; a relayed it and shared where it lives
+        follow_up = await via_b.responses.create(
+            model="demo", input="and then", previous_response_id=first.id
+        )
+        fetched = await via_b.responses.retrieve(first.id)
+    assert fetched.id == first.id
+    assert follow_up.previous_response_id == first.id

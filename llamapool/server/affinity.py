@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 
@@ -45,7 +45,7 @@ class ResponseAffinity:
     from the front: remembering and looking up cost O(1) (amortized).
     """
 
-    __slots__ = ("_clock", "_ids", "max_ids", "ttl")
+    __slots__ = ("_clock", "_ids", "lookup", "max_ids", "on_remember", "ttl")
 
     def __init__(
         self,
@@ -58,12 +58,18 @@ class ResponseAffinity:
         self.max_ids = max_ids
         self._clock = clock
         self._ids: OrderedDict[str, tuple[Holder, float]] = OrderedDict()
+        #: In a cluster: told of every id remembered here, and asked of ids this server does
+        #: not know, so a follow-up may reach any server (the cluster sets them).
+        self.on_remember: Callable[[str, Holder], None] | None = None
+        self.lookup: Callable[[str], Awaitable[Holder | None]] | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def remember(self, response_id: str, holder: Holder) -> None:
-        """``holder`` produced ``response_id``."""
+    def remember(self, response_id: str, holder: Holder, *, share: bool = True) -> None:
+        """``holder`` produced ``response_id`` (``share=False``: the cluster said so)."""
+        if share and self.on_remember is not None:
+            self.on_remember(response_id, holder)
         now = self._clock()
         self._ids[response_id] = (holder, now)
         self._ids.move_to_end(response_id)

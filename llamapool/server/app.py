@@ -173,6 +173,8 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app[MCP] = McpEndpoints(on_change=state.changed, on_call=state.metrics.mcp_call)
     state.mcp_view = app[MCP].snapshot
     app[relay.AFFINITY] = ResponseAffinity()
+    if CLUSTER in app:
+        app[CLUSTER].share_responses(app[relay.AFFINITY])
     #: Model routes the pool answers itself when no worker serves the path for the model.
     fallbacks = {"/api/show": ollama.show_from_pool}
     app.add_routes(

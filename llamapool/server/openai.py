@@ -14,7 +14,7 @@ from llamapool.server.appkeys import POOL
 from llamapool.server.http_errors import Flavor, error_response, json_response
 from llamapool.server.keys import visible
 from llamapool.server.pool import ModelInfo, fallback_names
-from llamapool.server.relay import AFFINITY, not_found, pin_for, relay
+from llamapool.server.relay import AFFINITY, find_pin, not_found, relay
 
 
 def _model(info: ModelInfo) -> dict[str, Any]:
@@ -50,7 +50,7 @@ async def stored_response(request: web.Request) -> web.StreamResponse:
     backend stored the response; a 404 in OpenAI's shape when the pool does not know the id or
     that worker has left."""
     response_id = request.match_info["id"]
-    pin = pin_for(request.app, response_id)
+    pin = await find_pin(request.app, response_id)
     if pin is None:
         return not_found(response_id, "the pool knows no worker holding it", previous=False)
     if isinstance(pin, web.Response):

@@ -153,7 +153,7 @@ def model_handler(route: ModelRoute, *, otherwise: Fallback | None = None) -> Ha
             return await otherwise(request, model)
         pin: Pin | None = None
         if previous:
-            found = pin_for(request.app, previous, model=model)
+            found = await find_pin(request.app, previous, model=model)
             if isinstance(found, web.Response):
                 return found
             pin = found
@@ -190,6 +190,22 @@ def pin_for(
         return Pin(worker, response_id, holder.model)
     log.info("response_pin_failed", response_id=response_id, worker_id=holder.worker_id)
     return not_found(response_id, why, previous=model is not None)
+
+
+async def find_pin(
+    app: web.Application, response_id: str, *, model: str | None = None
+) -> Pin | web.Response | None:
+    """:func:`pin_for`, asking the cluster when this server never saw the id (a follow-up
+    may reach any server of a cluster)."""
+    found = pin_for(app, response_id, model=model)
+    affinity = app.get(AFFINITY)
+    if found is not None or affinity is None or affinity.lookup is None:
+        return found
+    holder = await affinity.lookup(response_id)
+    if holder is None:
+        return None
+    affinity.remember(response_id, holder, share=False)
+    return pin_for(app, response_id, model=model)
 
 
 def not_found(response_id: str, why: str, *, previous: bool) -> web.Response:

@@ -44,6 +44,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from llamapool.log import Throttle
+from llamapool.server.affinity import TTL as AFFINITY_TTL
+from llamapool.server.affinity import Holder, ResponseAffinity
 from llamapool.server.cluster.auth import ClusterAuth
 from llamapool.server.cluster.peer import Peer, RemoteLink, client_session
 from llamapool.server.cluster.usage import SHARE_INTERVAL, SharedUsage, day_key, today
@@ -65,6 +67,10 @@ REFRESH = 1.0
 MAX_BACKOFF = 5.0
 #: Seconds a cancelled task gets to end before it is cancelled again (see :func:`_cancel`).
 RECANCEL = 0.5
+
+
+def response_key(response_id: str) -> str:
+    return f"{PREFIX}:response:{response_id}"
 
 
 def server_key(server_id: str) -> str:
@@ -136,6 +142,10 @@ class Cluster:
         #: For each other server, when its next request for each model arrived (wall clock).
         self._heads: dict[str, dict[str, float]] = {}
         self._queue_changed = False
+        #: Stored responses produced here, to tell the others (see :meth:`share_responses`).
+        self._responses: dict[str, Holder] = {}
+        #: The Redis client while connected (for lookups made by requests).
+        self._client: redis.Redis | None = None
         self.scheduler = registry.scheduler
         self.scheduler.came_first_elsewhere = self._came_first
         self.scheduler.on_queue = self._queued
@@ -175,6 +185,29 @@ class Cluster:
 
     def _came_first(self, model: str, arrived: float) -> bool:
         return any(heads.get(model, arrived) < arrived for heads in self._heads.values())
+
+    def share_responses(self, affinity: ResponseAffinity) -> None:
+        """Which worker holds each stored Responses API response is kept in Redis too (for
+        the affinity's time to live), so a follow-up reaching any server finds it."""
+        affinity.on_remember = self._remembered
+        affinity.lookup = self._holder
+
+    def _remembered(self, response_id: str, holder: Holder) -> None:
+        self._responses[response_id] = holder
+        self._wake.set()
+
+    async def _holder(self, response_id: str) -> Holder | None:
+        client = self._client
+        if client is None or not response_id.isprintable() or len(response_id) > 256:
+            return None
+        try:
+            raw = await client.get(response_key(response_id))
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return None
+        entry = _loads(raw) if raw is not None else None
+        if entry is None or not isinstance(entry.get("worker"), str):
+            return None
+        return Holder(entry["worker"], str(entry.get("model", "")))
 
     def _sent(self) -> None:
         self._metrics.cluster_requests.labels("out").inc()
@@ -360,6 +393,7 @@ class Cluster:
             await self._announce(client, full=True)
             await self._refresh(client)
             self.connected = True
+            self._client = client
             self._queued()  # tell the others which requests this server serves next
             self._count()
             self.state.changed()
@@ -379,6 +413,7 @@ class Cluster:
             finally:
                 await _cancel(tasks)
         finally:
+            self._client = None
             await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
 
     async def _announce(self, client: redis.Redis, *, full: bool = False) -> None:
@@ -463,6 +498,13 @@ class Cluster:
             self._wake.clear()
             dirty, self._dirty = self._dirty, set()
             queue_changed, self._queue_changed = self._queue_changed, False
+            responses, self._responses = self._responses, {}
+            if responses:
+                pipe = client.pipeline(transaction=False)
+                for response_id, holder in responses.items():
+                    value = orjson.dumps({"worker": holder.worker_id, "model": holder.model})
+                    pipe.set(response_key(response_id), value, ex=int(AFFINITY_TTL))
+                await pipe.execute()
             if not dirty and not queue_changed:
                 continue
             self._seq += 1
