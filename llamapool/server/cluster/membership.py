@@ -646,8 +646,22 @@ def _loads(raw: bytes | str) -> dict[str, Any] | None:
 
 
 async def _quietly(closing: Awaitable[Any]) -> None:
-    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
-        await closing
+    """Close a Redis client or subscription to the end, even if cancelled meanwhile (then
+    re-raise): one cancelled halfway would leave its socket to the garbage collector."""
+
+    async def close() -> None:
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+            await closing
+
+    task = asyncio.ensure_future(close())
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
