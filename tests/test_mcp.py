@@ -28,9 +28,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from llamapool.server.appkeys import MCP
+from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.mcp_streams import Connection, Event, SessionStreams
 from tests.cli_helpers import CliProcess, cli_env, cli_process
 from tests.conftest import WORKER_KEY, PoolServer, StartServer, wait_for
+from tests.redis_helpers import running_redis
 
 # The sampling capability is deprecated by the 2026-07-28 revision; the relay still carries it.
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.MCPDeprecationWarning")
@@ -428,3 +430,28 @@ async def test_replay_buffer_is_bounded() -> None:
 def drain(connection: Connection) -> list[Event | None]:
     """What a connection holds now."""
     return [connection.get_nowait() for _ in range(connection.qsize())]
+
+
+async def test_an_mcp_endpoint_is_reached_through_any_server_of_a_cluster(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The relay is connected to b; a client of a gets the whole MCP exchange (tools,
+    progress, sampling, cancellation), its session living on b."""
+    async with running_redis(unix_socket=False) as redis:
+        cluster = {"cluster_url": redis.url, "cluster_keys": "mcp-cluster-key"}
+        a, b = await start_server(**cluster), await start_server(**cluster)
+        async with relay(b, *STDIO, markers=tmp_path):
+            await wait_for(
+                lambda: any("tools" in p.mcp for p in a.server.app[CLUSTER].peers.values()),
+                timeout=10,
+                what="a to learn where the endpoint is",
+            )
+            await exercise(a, tmp_path)
+            assert not a.server.app[MCP].sessions  # every session lived on b
+            async with (
+                aiohttp.ClientSession(headers=a.auth) as http,
+                http.get(a.url + "/api/v1/state") as response,
+            ):
+                listed = (await response.json())["mcp_endpoints"]
+    b_id = b.server.app[CLUSTER].id
+    assert [("tools", b_id)] == [(e["id"], e["server"]) for e in listed]

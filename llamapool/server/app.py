@@ -172,6 +172,8 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app[relay.MODELS_IN_FLIGHT] = Counter()
     app[MCP] = McpEndpoints(on_change=state.changed, on_call=state.metrics.mcp_call)
     state.mcp_view = app[MCP].snapshot
+    if CLUSTER in app:
+        app[CLUSTER].share_mcp(app[MCP])
     app[relay.AFFINITY] = ResponseAffinity()
     if CLUSTER in app:
         app[CLUSTER].share_responses(app[relay.AFFINITY])

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from llamapool.server.appkeys import MCP
+from llamapool.server.cluster.mcp_proxy import elsewhere, send_on
 from llamapool.server.mcp_sessions import (
     INVALID_REQUEST,
     PARSE_ERROR,
@@ -88,6 +89,9 @@ def _session(
 
 async def post(request: web.Request) -> web.StreamResponse:
     """``POST /api/mcp/id/{id}``: JSON-RPC messages from the client."""
+    peer = elsewhere(request, request.headers.get(SESSION_HEADER, ""))
+    if peer is not None:  # another server of the cluster holds the endpoint or the session
+        return await send_on(request, peer)
     endpoints, endpoint = _endpoint(request)
     if isinstance(endpoint, web.Response):
         return endpoint
@@ -156,6 +160,9 @@ async def post(request: web.Request) -> web.StreamResponse:
 async def get(request: web.Request) -> web.StreamResponse:
     """``GET /api/mcp/id/{id}``: the session's stream of server-initiated messages, or with
     ``Last-Event-ID`` the rest of a stream whose connection dropped."""
+    peer = elsewhere(request, request.headers.get(SESSION_HEADER, ""))
+    if peer is not None:  # another server of the cluster holds the endpoint or the session
+        return await send_on(request, peer)
     endpoints, endpoint = _endpoint(request)
     if isinstance(endpoint, web.Response):
         return endpoint
@@ -186,6 +193,9 @@ async def get(request: web.Request) -> web.StreamResponse:
 
 async def delete(request: web.Request) -> web.StreamResponse:
     """``DELETE /api/mcp/id/{id}``: the client ends its session (the relay stops its calls)."""
+    peer = elsewhere(request, request.headers.get(SESSION_HEADER, ""))
+    if peer is not None:  # another server of the cluster holds the endpoint or the session
+        return await send_on(request, peer)
     endpoints, endpoint = _endpoint(request)
     if isinstance(endpoint, web.Response):
         return endpoint

@@ -170,6 +170,8 @@ class McpEndpoints:
         self.sessions: dict[str, McpSession] = {}
         self._on_change = on_change
         self._on_call = on_call
+        #: Put before every session id (in a cluster: this server's id and a dot).
+        self.session_prefix = ""
 
     # --- relays ------------------------------------------------------------------------------
 
@@ -221,7 +223,8 @@ class McpEndpoints:
         streams = SessionStreams(
             max_events=self.limits.replay_events, max_bytes=self.limits.replay_bytes
         )
-        session = McpSession(secrets.token_urlsafe(24), endpoint.id, relay, streams)
+        session_id = self.session_prefix + secrets.token_urlsafe(24)
+        session = McpSession(session_id, endpoint.id, relay, streams)
         self.sessions[session.id] = session
         relay.sessions.add(session)
         relay.send(McpOpen(session.id))

@@ -50,6 +50,7 @@ from llamapool.server.cluster.auth import ClusterAuth
 from llamapool.server.cluster.peer import Peer, RemoteLink, client_session
 from llamapool.server.cluster.usage import SHARE_INTERVAL, SharedUsage, day_key, today
 from llamapool.server.keys import KeyStore
+from llamapool.server.mcp_sessions import McpEndpoints
 from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.server.registry import Registry
 from llamapool.server.state import PoolState
@@ -144,6 +145,8 @@ class Cluster:
         self._queue_changed = False
         #: Stored responses produced here, to tell the others (see :meth:`share_responses`).
         self._responses: dict[str, Holder] = {}
+        #: This server's MCP endpoints (see :meth:`share_mcp`).
+        self.mcp: McpEndpoints | None = None
         #: The Redis client while connected (for lookups made by requests).
         self._client: redis.Redis | None = None
         self.scheduler = registry.scheduler
@@ -185,6 +188,34 @@ class Cluster:
 
     def _came_first(self, model: str, arrived: float) -> bool:
         return any(heads.get(model, arrived) < arrived for heads in self._heads.values())
+
+    def share_mcp(self, endpoints: McpEndpoints) -> None:
+        """This server's MCP endpoints are announced (each second), and its sessions' ids
+        name it, so a request for an endpoint or a session held elsewhere finds its server
+        (see :mod:`.mcp_proxy`)."""
+        self.mcp = endpoints
+        endpoints.session_prefix = f"{self.id}."
+        self.state.mcp_view = self._mcp_view
+
+    def _mcp_view(self) -> list[dict[str, Any]]:
+        """``mcp_endpoints`` of the state: each endpoint of each server, with its server."""
+        local = self.mcp.snapshot() if self.mcp is not None else []
+        entries = [{**e, "server": self.id} for e in local]
+        for peer in self.peers.values():
+            entries += [{**e, "server": peer.id} for e in peer.mcp_entries]
+        return sorted(entries, key=lambda e: (str(e["id"]), str(e["server"])))
+
+    def mcp_server(self, endpoint_id: str, session_id: str) -> Peer | None:
+        """The other server to send an MCP request to: the one whose session it is, or, with
+        no session and no relay of the endpoint here, one that has the endpoint."""
+        owner, dot, _ = session_id.partition(".")
+        if dot:
+            return self.peers.get(owner) if owner != self.id else None
+        here = self.mcp is not None and self.mcp.endpoints.get(endpoint_id)
+        if here and here.relays:
+            return None
+        holders = sorted(p.id for p in self.peers.values() if endpoint_id in p.mcp)
+        return self.peers[holders[0]] if holders else None
 
     def share_responses(self, affinity: ResponseAffinity) -> None:
         """Which worker holds each stored Responses API response is kept in Redis too (for
@@ -419,7 +450,8 @@ class Cluster:
     async def _announce(self, client: redis.Redis, *, full: bool = False) -> None:
         """Refresh this server's announcement (and, ``full``, every worker entry)."""
         ms = int(TTL * 1000)
-        payload = orjson.dumps({"id": self.id, "url": self.advertise_url})
+        mcp = self.mcp.snapshot() if self.mcp is not None else []
+        payload = orjson.dumps({"id": self.id, "url": self.advertise_url, "mcp": mcp})
         signed = orjson.dumps({"server": payload.decode(), "sig": self.auth.sign(payload)})
         pipe = client.pipeline(transaction=True)
         pipe.set(server_key(self.id), signed, px=ms)
@@ -440,25 +472,31 @@ class Cluster:
         ids = sorted(_text(i) for i in await client.smembers(SERVERS))
         others = [i for i in ids if i != self.id]
         values = await client.mget([server_key(i) for i in others]) if others else []
-        live: dict[str, str] = {}
+        live: dict[str, tuple[str, list[dict[str, Any]]]] = {}
         expired = []
         for server, value in zip(others, values, strict=False):
-            url = self._verified(server, value) if value is not None else None
-            if url is None:
+            announced = self._verified(server, value) if value is not None else None
+            if announced is None:
                 expired.append(server)
             else:
-                live[server] = url
+                live[server] = announced
         if expired:
             await client.srem(SERVERS, *expired)
         for server in list(self.peers):
             if server not in live:
                 self._drop(server, "expired")
-        for server, url in live.items():
+        for server, (url, mcp) in live.items():
             if server not in self.peers:
                 await self._adopt(client, server, url)
+            peer = self.peers[server]
+            if peer.mcp_entries != mcp:
+                peer.mcp_entries = mcp
+                peer.mcp = frozenset(str(e["id"]) for e in mcp if e.get("relays"))
+                self.state.changed()
 
-    def _verified(self, server: str, value: bytes | str) -> str | None:
-        """The URL in a server's announcement, if a member of this cluster signed it."""
+    def _verified(self, server: str, value: bytes | str) -> tuple[str, list[dict[str, Any]]] | None:
+        """The URL and the MCP endpoints in a server's announcement, if a member of this
+        cluster signed it."""
         try:
             outer = orjson.loads(value)
             payload = outer["server"].encode()
@@ -470,7 +508,8 @@ class Cluster:
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("cluster_announcement_invalid", server=server[:64])
             return None
-        return str(inner["url"])
+        mcp = [e for e in inner.get("mcp", ()) if isinstance(e, dict) and "id" in e]
+        return str(inner["url"]), mcp
 
     async def _adopt(self, client: redis.Redis, server: str, url: str) -> None:
         self.peers[server] = Peer(server, url, self._session, self.auth, self.id, sent=self._sent)

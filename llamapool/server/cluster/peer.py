@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import attrs
@@ -63,6 +64,9 @@ class Peer:
     origin: str = ""
     #: Called for each request sent to it (the metrics count them).
     sent: Callable[[], None] = attrs.field(default=lambda: None, repr=False)
+    #: The MCP endpoints it has relays of, and their state entries, as it last announced.
+    mcp: frozenset[str] = frozenset()
+    mcp_entries: list[dict[str, Any]] = attrs.Factory(list)
 
 
 class _Flow:
