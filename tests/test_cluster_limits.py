@@ -26,18 +26,28 @@ KEY = "sk-shared-app-key"
 CLUSTER_KEY = "test-cluster-key"
 
 
+async def member(
+    start_server: StartServer, redis: RedisServer, keys_file: Path, **overrides: Any
+) -> PoolServer:
+    """A server of the test cluster, with the keys file and no plain API keys."""
+    settings: dict[str, Any] = {
+        "cluster_url": redis.url,
+        "cluster_keys": CLUSTER_KEY,
+        "keys_file": str(keys_file),
+        "api_keys": (),
+    }
+    return await start_server(**settings, **overrides)
+
+
 async def cluster_of(
-    count: int, start_server: StartServer, redis: RedisServer, keys_file: Path
+    count: int,
+    start_server: StartServer,
+    redis: RedisServer,
+    keys_file: Path,
+    **overrides: Any,
 ) -> list[PoolServer]:
-    servers = [
-        await start_server(
-            cluster_url=redis.url,
-            cluster_keys=CLUSTER_KEY,
-            keys_file=str(keys_file),
-            api_keys=(),
-        )
-        for _ in range(count)
-    ]
+    """``count`` servers of the test cluster, once each knows every other."""
+    servers = [await member(start_server, redis, keys_file, **overrides) for _ in range(count)]
     await wait_for(
         lambda: all(len(s.server.app[CLUSTER].peers) == count - 1 for s in servers),
         timeout=10,
@@ -104,12 +114,7 @@ async def test_a_daily_budget_spent_on_one_server_is_spent_on_all_and_on_newcome
         await wait_for(lambda: usage_on(b).day_tokens >= 150, what="b to read the budget")
         with pytest.raises(openai.RateLimitError) as on_b_refused:
             await on_b.chat.completions.create(model=MODEL, messages=messages)
-        c = await start_server(
-            cluster_url=redis_server.url,
-            cluster_keys=CLUSTER_KEY,
-            keys_file=str(keys),
-            api_keys=(),
-        )
+        c = await member(start_server, redis_server, keys)
         await wait_for(lambda: usage_on(c).day_tokens >= 150, what="a newcomer to read it")
         async with sdk(c, KEY) as on_c:
             with pytest.raises(openai.RateLimitError) as on_c_refused:
@@ -122,18 +127,7 @@ async def test_the_queue_bounds_hold_over_the_servers(
 ) -> None:
     """QUEUE_SIZE 2: with two requests waiting on a, a third one sent to b is refused (429)."""
     keys = write_keys(tmp_path / "keys.yaml", f"keys:\n  - name: app\n    key: {KEY}\n")
-    servers = [
-        await start_server(
-            cluster_url=redis_server.url,
-            cluster_keys=CLUSTER_KEY,
-            keys_file=str(keys),
-            api_keys=(),
-            queue_size=2,
-        )
-        for _ in range(2)
-    ]
-    a, b = servers
-    await wait_for(lambda: all(len(s.server.app[CLUSTER].peers) == 1 for s in servers))
+    a, b = await cluster_of(2, start_server, redis_server, keys, queue_size=2)
     messages: Any = chat("wait")["messages"]
     async with raw_worker(a) as worker, sdk(a, KEY) as on_a, sdk(b, KEY) as on_b:
         await wait_for(lambda: b.pool.get("raw-1") is not None, what="b to learn of the worker")

@@ -33,9 +33,7 @@ def elsewhere(request: web.Request, session_id: str) -> Peer | None:
 
 async def send_on(request: web.Request, peer: Peer) -> web.StreamResponse:
     """Send an MCP request on to ``peer`` and stream its answer back."""
-    headers = forwardable(request.headers.items(), _DROP)
-    headers = {k: v for k, v in headers.items() if k.lower() != AUTH.lower()}
-    headers[AUTH] = peer.auth.token(peer.origin)
+    headers = peer.signed(forwardable(request.headers.items(), _DROP))
     body = await request.read()
     peer.sent()
     response: web.StreamResponse | None = None

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 import attrs
 
+from llamapool.headers import forwardable
 from llamapool.protocol import ProxyRequest, ResponseHeaders
 from llamapool.server.cluster.auth import ClusterAuth
 from llamapool.server.exchange import Broken, Busy, Ended, Exchange
@@ -67,6 +68,15 @@ class Peer:
     #: The MCP endpoints it has relays of, and their state entries, as it last announced.
     mcp: frozenset[str] = frozenset()
     mcp_entries: list[dict[str, Any]] = attrs.Factory(list)
+
+    def signed(self, headers: Mapping[str, str], **ours: str) -> dict[str, str]:
+        """A client's headers for a request to this server: none of the client's own
+        ``X-Llamapool-*`` (they mean something only between servers), then ``ours`` and this
+        server's request token."""
+        sent = {k: v for k, v in headers.items() if not k.lower().startswith("x-llamapool-")}
+        sent.update(ours)
+        sent[AUTH] = self.auth.token(self.origin)
+        return sent
 
 
 class _Flow:
@@ -150,17 +160,14 @@ class RemoteLink:
     ) -> None:
         peer = self.peer
         peer.sent()
-        headers = {
-            k: v for k, v in request.headers.items() if not k.lower().startswith("x-llamapool-")
-        }
-        headers.update(
-            {
-                AUTH: peer.auth.token(peer.origin),
+        headers = peer.signed(
+            request.headers,
+            **{
                 WORKER: self.worker_id,
                 PATH: request.path,
                 MODEL: request.model,
                 STREAM: "1" if request.stream else "0",
-            }
+            },
         )
         try:
             async with peer.session.request(
@@ -176,7 +183,11 @@ class RemoteLink:
                         exchange.push(Broken(why))
                     return
                 exchange.push(
-                    ResponseHeaders(request.request_id, response.status, _joined(response))
+                    ResponseHeaders(
+                        request.request_id,
+                        response.status,
+                        forwardable(response.headers.items(), frozenset()),
+                    )
                 )
                 async for chunk in response.content.iter_any():
                     exchange.push(chunk)
@@ -187,13 +198,6 @@ class RemoteLink:
                 exchange.push(Ended())
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             exchange.push(Broken(f"server {peer.id} failed: {exc or type(exc).__name__}"))
-
-
-def _joined(response: aiohttp.ClientResponse) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in response.headers.items():
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return headers
 
 
 def client_session(ca_file: str = "") -> aiohttp.ClientSession:
