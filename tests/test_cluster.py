@@ -346,7 +346,7 @@ async def test_requests_are_served_in_order_of_arrival_over_the_servers(
         on_a = send(a, "waits on a")
         await wait_for(lambda: len(a.server.app[SCHEDULER]) == 1)
         a_id = a.server.app[CLUSTER].id
-        await wait_for(lambda: MODEL in b.server.app[CLUSTER]._heads.get(a_id, {}))
+        await wait_for(lambda: MODEL in b.server.app[CLUSTER]._turns.get(a_id, {}))
         later = [send(b, "later on b"), send(b, "later still on b")]
         await wait_for(lambda: len(b.server.app[SCHEDULER]) == 2)
         worker.auto = True

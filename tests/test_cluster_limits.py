@@ -1,6 +1,7 @@
-"""In a cluster a key's limits hold over every server: what one server admitted comes out of
-the same buckets on the others, requests in progress anywhere count against the key's
-concurrency, and the daily budget is counted in Redis (so a server that joins later knows it).
+"""In a cluster a key's limits and fair share hold over every server: what one server admitted
+comes out of the same buckets on the others, requests in progress anywhere count against the
+key's concurrency, the daily budget is counted in Redis (so a server that joins later knows
+it), and keys whose requests wait on different servers take turns by weight.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
+import orjson
 import pytest
 
 from llamapool.server.appkeys import KEYS, SCHEDULER
@@ -17,7 +20,16 @@ from llamapool.server.cluster.endpoint import CLUSTER
 
 from . import redis_helpers
 from .conftest import PoolServer, StartServer, wait_for
-from .keys_helpers import MODEL, chat, raw_worker, sdk, write_keys
+from .keys_helpers import (
+    MODEL,
+    RawWorker,
+    chat,
+    post,
+    raw_worker,
+    sdk,
+    until_queued,
+    write_keys,
+)
 from .redis_helpers import RedisServer
 
 redis_server = redis_helpers.redis_server
@@ -147,3 +159,140 @@ async def test_the_queue_bounds_hold_over_the_servers(
         await worker.answer(first)
         await asyncio.gather(*calls)
     assert refused.value.code == "queue_full"
+
+
+FAIR_KEYS = """\
+keys:
+  - name: batch
+    key: sk-batch-0123456789
+    weight: {batch}
+  - name: chat
+    key: sk-chat-0123456789
+"""
+BATCH, CHAT = "sk-batch-0123456789", "sk-chat-0123456789"
+
+
+def in_step(*servers: PoolServer) -> bool:
+    """Whether each server knows where every other server's queues stand."""
+    for here in servers:
+        for there in servers:
+            if there is here:
+                continue
+            known = here.server.app[CLUSTER]._turns.get(there.server.app[CLUSTER].id, {})
+            if known != there.server.app[SCHEDULER].turns():
+                return False
+    return True
+
+
+async def served_over(worker: RawWorker, servers: tuple[PoolServer, ...], count: int) -> list[str]:
+    """Answer the request on the worker, then ``count`` more but the last, each once the
+    servers are in step (so the order is the scheduler's, not the messages' timing); the key
+    of each one. The last one served stays on the worker, the servers in step."""
+    request = worker.received[-1]
+    order = []
+    for _ in range(count):
+        await wait_for(lambda: in_step(*servers), what="the servers to share their queues")
+        await worker.answer(request)
+        request = await worker.next()
+        order.append(orjson.loads(request.body)["messages"][0]["content"].split("-")[0])
+    await wait_for(lambda: in_step(*servers), what="the servers to share their queues")
+    return order
+
+
+async def contend(
+    tmp_path: Path,
+    start_server: StartServer,
+    redis: RedisServer,
+    *,
+    weight: int,
+    queued: list[tuple[int, str, int]],
+    count: int,
+) -> list[str]:
+    """Two servers and a worker with one slot on the first, held busy; ``queued`` sends
+    (server, key, requests) in that order; the key of each of the next ``count`` served."""
+    keys = write_keys(tmp_path / "keys.yaml", FAIR_KEYS.format(batch=weight))
+    servers = tuple(await cluster_of(2, start_server, redis, keys))
+    a, b = servers
+    async with raw_worker(a) as worker, aiohttp.ClientSession() as http:
+        await wait_for(lambda: b.pool.get("raw-1") is not None, what="b to learn of the worker")
+        tasks = [asyncio.create_task(post(http, a, BATCH, chat("held")))]
+        await worker.next()
+        waiting = [0, 0]
+        for index, key, requests in queued:
+            label = "batch" if key == BATCH else "chat"
+            for i in range(requests):
+                body = chat(f"{label}-{i}")
+                tasks.append(asyncio.create_task(post(http, servers[index], key, body)))
+                waiting[index] += 1
+                await until_queued(servers[index], waiting[index])
+        order = await served_over(worker, servers, count)
+        await worker.answer(worker.received[-1])
+        for _ in range(sum(waiting) - count):
+            await worker.answer_next()
+        answers = await asyncio.gather(*tasks)
+    assert all(200 == status for status, _, _ in answers)
+    return order
+
+
+async def test_keys_waiting_on_different_servers_share_by_weight(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Weights 3:1, batch's requests waiting on a (the worker's server) and chat's on b: of 24
+    served, batch gets 18 and chat 6 (within one), as on one server; not the 1:1 of taking
+    turns by server nor the order of arrival."""
+    order = await contend(
+        tmp_path,
+        start_server,
+        redis_server,
+        weight=3,
+        queued=[(0, BATCH, 20), (1, CHAT, 20)],
+        count=24,
+    )
+    assert 17 <= order.count("batch") <= 19, order
+
+
+async def test_a_key_sending_through_two_servers_gets_one_share_not_two(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Weights 1:1, batch's requests waiting on both servers and chat's on a: of 20 served,
+    chat gets 10 (within one), not the third it would get if each server gave batch a share."""
+    order = await contend(
+        tmp_path,
+        start_server,
+        redis_server,
+        weight=1,
+        queued=[(0, BATCH, 10), (1, BATCH, 10), (0, CHAT, 20)],
+        count=20,
+    )
+    assert 9 <= order.count("chat") <= 11, order
+
+
+async def test_a_key_that_starts_waiting_on_another_server_joins_the_turns_where_they_are(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Chat's queue on a has been served six times when batch (weight 1) starts queueing on b:
+    the two alternate from there; batch does not catch up on the six turns it was not there
+    for."""
+    keys = write_keys(tmp_path / "keys.yaml", FAIR_KEYS.format(batch=1))
+    a, b = await cluster_of(2, start_server, redis_server, keys)
+    async with raw_worker(a) as worker, aiohttp.ClientSession() as http:
+        await wait_for(lambda: b.pool.get("raw-1") is not None, what="b to learn of the worker")
+        tasks = [asyncio.create_task(post(http, a, CHAT, chat("held")))]
+        await worker.next()
+        for i in range(16):
+            tasks.append(asyncio.create_task(post(http, a, CHAT, chat(f"chat-{i}"))))
+            await until_queued(a, i + 1)
+        first = await served_over(worker, (a, b), 6)
+        for i in range(8):
+            tasks.append(asyncio.create_task(post(http, b, BATCH, chat(f"batch-{i}"))))
+            await until_queued(b, i + 1)
+        then = await served_over(worker, (a, b), 12)
+        await worker.answer(worker.received[-1])
+        for _ in range(6):
+            await worker.answer_next()
+        answers = await asyncio.gather(*tasks)
+
+    assert ["chat"] * 6 == first
+    longest = max(len(run) for run in "".join(k[0] for k in then).split("c") if run)
+    assert (1, 6) == (longest, then.count("batch")), then
+    assert all(200 == status for status, _, _ in answers)

@@ -202,3 +202,37 @@ async def test_waiters_that_leave_never_block_or_lose_the_others() -> None:
         scheduler._queues,
     )
     assert 0 == pool.get("w").inflight  # type: ignore[union-attr]
+
+
+async def test_a_key_that_asks_again_as_soon_as_it_is_served_takes_turns_with_a_backlog() -> None:
+    """A key with one request at a time, which sends the next as soon as one is served (a chat
+    client), alternates with a key that has ten queued: its new request starts where its last
+    turn finished, not at the head of the line each time."""
+    pool = Pool()
+    pool.add(WorkerHandle("w", "w", frozenset({MODEL}), 1, None, cast(Any, None)))
+    scheduler = Scheduler(pool, queue_size=100, queue_timeout=60)
+    path = "/v1/chat/completions"
+    held = await scheduler.acquire(MODEL, path)
+    batch, chat = (Caller(ClientKey(name, b""), 0) for name in ("batch", "chat"))
+    waiting = {asyncio.create_task(scheduler.acquire(MODEL, path, key=batch)): "batch"}
+    for _ in range(9):
+        waiting[asyncio.create_task(scheduler.acquire(MODEL, path, key=batch))] = "batch"
+    waiting[asyncio.create_task(scheduler.acquire(MODEL, path, key=chat))] = "chat"
+    await wait_for(lambda: 11 == len(scheduler), what="11 waiters")
+
+    order = []
+    slot = held
+    for _ in range(10):
+        scheduler.release(slot)
+        done, _ = await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        assert 1 == len(done)
+        task = done.pop()
+        order.append(waiting.pop(task))
+        slot = task.result()
+        if order[-1] == "chat":  # it asks again at once
+            waiting[asyncio.create_task(scheduler.acquire(MODEL, path, key=chat))] = "chat"
+            await wait_for(lambda: len(waiting) == len(scheduler), what="chat to queue again")
+    for task in waiting:
+        task.cancel()
+
+    assert ["batch", "chat"] * 5 == order, order

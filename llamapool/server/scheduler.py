@@ -9,6 +9,18 @@ requests and a key with one take turns (in proportion to their weights), and wit
 key's requests go by priority, then in order of arrival. Picking the next request costs
 O(log keys).
 
+A lane keeps its finish tag while its model's queue is not empty, so a key that asks again
+the moment it is served (one request at a time) starts where its last turn finished, behind the
+others, not at the head of the line each time. The queue of a model with no waiter is dropped,
+and its virtual time starts afresh.
+
+In a cluster the servers share where their queues stand (see :class:`Turn`), and the fair queue
+spans them: a lane starts no earlier than the virtual time of any server, a key's turns advance
+by what it was served on every server, and a server whose next turn comes after another
+server's leaves a freed slot to that one. So weights hold between keys whose requests wait on
+different servers, and a key that spreads its requests over servers does not get a share per
+server. The bound is what the servers have not heard of yet (one message, about a millisecond).
+
 A full lane (``queue_size`` per key and model), or ``max_queued`` requests waiting in all,
 fails fast (429); a wait past the timeout fails with 503; a client that leaves is dropped from
 the queue. With no queued request the scheduler costs nothing beyond the pool itself.
@@ -39,6 +51,21 @@ from llamapool.server.pool import Pool, WorkerHandle, fallback_names
 #: Seconds a server leaves a free slot to another server of its cluster whose next request
 #: came first, before serving its own (should that one not take it).
 DEFER_GRACE = 0.2
+
+
+@attrs.frozen
+class Turn:
+    """Where one server's fair queue for a model stands: what the servers of a cluster tell
+    each other so that the fair queue spans them."""
+
+    #: The start tag of the turn it serves next, and when that turn's request arrived (by the
+    #: wall clock; it breaks ties between servers).
+    start: float
+    arrived: float
+    #: Its virtual time (the start tag of the last turn it served).
+    vtime: float
+    #: Each key's finish tag: where that key's next turn starts.
+    finish: dict[str, float]
 
 
 @attrs.define(eq=False)
@@ -118,10 +145,9 @@ class Scheduler:
         #: all (the cluster sets them), so the queue bounds hold over the cluster.
         self.queued_elsewhere: Callable[[str, str], int] = lambda model, key: 0
         self.queued_elsewhere_total: Callable[[], int] = lambda: 0
-        #: In a cluster: whether another server's next request for a model arrived before
-        #: the one this server would serve next (which then lets it have the slot), and what
-        #: to call when the queues change (the cluster sets them).
-        self.came_first_elsewhere: Callable[[str, float], bool] = lambda model, arrived: False
+        #: In a cluster: where the other servers' queues for a model stand, and what to call
+        #: when the queues here change (the cluster sets them).
+        self.elsewhere: Callable[[str], Collection[Turn]] = lambda model: ()
         self.on_queue: Callable[[], None] = lambda: None
         self._recheck: asyncio.TimerHandle | None = None
         #: Models whose freed slot is left to another server, until when (monotonic).
@@ -220,9 +246,15 @@ class Scheduler:
                 before += min(other.live, turns)
         return 1 + ahead + before
 
-    def heads(self) -> dict[str, float]:
-        """For each model with waiters, when the request served next arrived (wall clock)."""
-        return {model: self._next(q)[1].arrived for model, q in self._queues.items() if q.length}
+    def turns(self) -> dict[str, Turn]:
+        """Where the queue of each model with waiters stands (what a cluster tells the others)."""
+        turns = {}
+        for model, queue in self._queues.items():
+            if queue.length:
+                start, waiter = self._next(model, queue)
+                finish = {name: lane.finish for name, lane in queue.lanes.items() if lane.finish}
+                turns[model] = Turn(start, waiter.arrived, queue.vtime, finish)
+        return turns
 
     def release(self, worker: WorkerHandle) -> None:
         """Give a slot back and offer it to the queue."""
@@ -234,17 +266,17 @@ class Scheduler:
         leave).
 
         Waiters whose model no worker serves any more fail at once instead of timing out.
-        In a cluster, a server whose next request for a model came after another server's
-        leaves the free slots to that one, for at most :data:`DEFER_GRACE` seconds (in case
-        the other cannot use them), so requests are served in order of arrival over the
-        cluster, not those of the worker's own server first.
+        In a cluster, a server whose next turn for a model comes after another server's (by
+        start tag, then arrival) leaves the free slots to that one, for at most
+        :data:`DEFER_GRACE` seconds (in case the other cannot use them), so the fair queue
+        spans the cluster and the worker's own server does not serve its own clients first.
         """
         if not self._length:
             return
         for model, queue in list(self._queues.items()):
             while queue.length:
-                turn, waiter = self._next(queue)
-                if self._defer(model, waiter):
+                turn, waiter = self._next(model, queue)
+                if self._defer(model, turn, waiter):
                     break
                 try:
                     worker = self.pool.acquire(model, waiter.path, exclude=waiter.exclude)
@@ -261,16 +293,17 @@ class Scheduler:
     def taken_elsewhere(self, model: str) -> None:
         """A request from another server is about to take a slot for ``model``: the slot left
         to it is used (the next one freed is not held any more unless that server still has
-        a request that came first)."""
+        a turn that comes first)."""
         self._held.pop(model, None)
 
-    def _defer(self, model: str, waiter: _Waiter) -> bool:
-        """Whether to leave a freed slot to the server whose request came first. The slot is
+    def _defer(self, model: str, start: float, waiter: _Waiter) -> bool:
+        """Whether to leave a freed slot to the server whose turn comes first. The slot is
         held until that server's request arrives (its queue may say it has none waiting the
         moment it sent it), at most :data:`DEFER_GRACE` seconds per waiter here."""
         now = time.monotonic()
         held = self._held.get(model, 0.0) > now
-        if not held and not self.came_first_elsewhere(model, waiter.arrived):
+        mine = (start, waiter.arrived)
+        if not held and not any((t.start, t.arrived) < mine for t in self.elsewhere(model)):
             return False
         if waiter.deferred is None:
             waiter.deferred = now
@@ -312,6 +345,8 @@ class Scheduler:
         if not lane.scheduled:
             lane.scheduled = True
             start = max(queue.vtime, lane.finish)
+            for turn in self.elsewhere(model):  # a newcomer here starts where the others are
+                start = max(start, turn.vtime, turn.finish.get(name, 0.0))
             heapq.heappush(queue.turns, (start, next(self._order), lane))
         queue.length += 1
         self._by_key[name] += 1
@@ -320,15 +355,21 @@ class Scheduler:
         self.on_queue()
         return waiter
 
-    def _next(self, queue: _ModelQueue) -> tuple[float, _Waiter]:
+    def _next(self, model: str, queue: _ModelQueue) -> tuple[float, _Waiter]:
         """The waiter whose turn it is, and the turn's start tag (the queue is not empty)."""
         while True:
             start, _, lane = queue.turns[0]
             waiter = lane.head()
-            if waiter is not None:
-                return start, waiter
-            heapq.heappop(queue.turns)  # every waiter of the lane left
-            lane.scheduled = False
+            if waiter is None:
+                heapq.heappop(queue.turns)  # every waiter of the lane left
+                lane.scheduled = False
+                continue
+            later = max((t.finish.get(lane.name, 0.0) for t in self.elsewhere(model)), default=0)
+            if later > start:  # the key was served on another server meanwhile
+                lane.finish = later
+                heapq.heapreplace(queue.turns, (later, next(self._order), lane))
+                continue
+            return start, waiter
 
     def _served(self, queue: _ModelQueue, start: float, lane: _Lane) -> None:
         """The lane at the top of the turns was served: its next turn comes later."""
@@ -351,8 +392,6 @@ class Scheduler:
         queue.length -= 1
         if not queue.length:
             del self._queues[waiter.model]  # an idle queue starts its virtual time afresh
-        elif not lane.live and not lane.scheduled:
-            del queue.lanes[lane.name]
         self._by_key[lane.name] -= 1
         if not self._by_key[lane.name]:
             del self._by_key[lane.name]

@@ -53,6 +53,7 @@ from llamapool.server.keys import KeyStore
 from llamapool.server.mcp_sessions import McpEndpoints
 from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.server.registry import Registry
+from llamapool.server.scheduler import Turn
 from llamapool.server.state import PoolState
 
 log = structlog.get_logger("llamapool.server")
@@ -140,9 +141,11 @@ class Cluster:
         self.usage = SharedUsage(keys, registry.scheduler) if keys is not None else None
         self._task: asyncio.Task[None] | None = None
         self._throttle = Throttle()
-        #: For each other server, when its next request for each model arrived (wall clock).
-        self._heads: dict[str, dict[str, float]] = {}
+        #: For each other server, where its queue for each model stands.
+        self._turns: dict[str, dict[str, Turn]] = {}
         self._queue_changed = False
+        #: Where this server's queues stood when it last told the others (None: tell them).
+        self._sent_turns: dict[str, Turn] | None = None
         #: Stored responses produced here, to tell the others (see :meth:`share_responses`).
         self._responses: dict[str, Holder] = {}
         #: This server's MCP endpoints (see :meth:`share_mcp`).
@@ -150,7 +153,7 @@ class Cluster:
         #: The Redis client while connected (for lookups made by requests).
         self._client: redis.Redis | None = None
         self.scheduler = registry.scheduler
-        self.scheduler.came_first_elsewhere = self._came_first
+        self.scheduler.elsewhere = self._elsewhere
         self.scheduler.on_queue = self._queued
         self._left = False
         #: Rounds of refresh done (each also checks who else is in the cluster).
@@ -186,8 +189,8 @@ class Cluster:
         self._queue_changed = True
         self._wake.set()
 
-    def _came_first(self, model: str, arrived: float) -> bool:
-        return any(heads.get(model, arrived) < arrived for heads in self._heads.values())
+    def _elsewhere(self, model: str) -> list[Turn]:
+        return [turns[model] for turns in self._turns.values() if model in turns]
 
     def share_mcp(self, endpoints: McpEndpoints) -> None:
         """This server's MCP endpoints are announced (each second), and its sessions' ids
@@ -361,7 +364,7 @@ class Cluster:
                 self._forget(worker_id)
         if self.usage is not None:
             self.usage.forget(server)
-        self._heads.pop(server, None)
+        self._turns.pop(server, None)
         if self.peers.pop(server, None) is not None:
             log.info("cluster_server_left", server=server, reason=reason)
             self._count()
@@ -425,7 +428,8 @@ class Cluster:
             await self._refresh(client)
             self.connected = True
             self._client = client
-            self._queued()  # tell the others which requests this server serves next
+            self._sent_turns = None
+            self._queued()  # tell the others where this server's queues stand
             self._count()
             self.state.changed()
             log.info(
@@ -544,7 +548,10 @@ class Cluster:
                     value = orjson.dumps({"worker": holder.worker_id, "model": holder.model})
                     pipe.set(response_key(response_id), value, ex=int(AFFINITY_TTL))
                 await pipe.execute()
-            if not dirty and not queue_changed:
+            turns = self.scheduler.turns() if queue_changed else None
+            if turns == self._sent_turns:
+                turns = None  # the others know
+            if not dirty and turns is None:
                 continue
             self._seq += 1
             entries = {worker_id: self._entry(worker_id) for worker_id in dirty}
@@ -557,8 +564,11 @@ class Cluster:
                 pipe.hdel(workers_key(self.id), *absent)
             pipe.pexpire(workers_key(self.id), int(TTL * 1000))
             message: dict[str, Any] = {"server": self.id, "seq": self._seq, "workers": entries}
-            if queue_changed:
-                message["next"] = self.scheduler.heads()
+            if turns is not None:
+                message["turns"] = {
+                    model: attrs.astuple(turn, recurse=False) for model, turn in turns.items()
+                }
+                self._sent_turns = turns
             pipe.publish(EVENTS, orjson.dumps(message))
             await pipe.execute()
 
@@ -618,12 +628,15 @@ class Cluster:
                     self.usage.absorb_lanes(server, dict(data["queued"]))
             return
         seq = int(data.get("seq", 0))
-        if "next" in data:
-            self._heads[server] = {str(m): float(t) for m, t in dict(data["next"]).items()}
+        if "turns" in data:
+            self._turns[server] = {str(m): _turn(t) for m, t in dict(data["turns"]).items()}
         for worker_id, entry in dict(data.get("workers") or {}).items():
             self._apply(server, str(worker_id), entry, seq)
-        if "next" in data:
-            self.scheduler.dispatch()  # a server this one deferred to may have none waiting now
+        if "turns" in data:
+            # A server this one deferred to may have none waiting now; and what it served
+            # may move this server's next turn, which the others are then told.
+            self.scheduler.dispatch()
+            self._queued()
 
     def _apply_stored(self, server: str, worker_id: str, entry: dict[str, Any]) -> None:
         self._apply(server, worker_id, entry, int(entry.get("seq", 0)))
@@ -674,6 +687,17 @@ class Cluster:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _turn(value: Any) -> Turn:
+    """A turn as another server published it: ``[start, arrived, vtime, {key: finish}]``."""
+    start, arrived, vtime, finish = value
+    return Turn(
+        float(start),
+        float(arrived),
+        float(vtime),
+        {str(name): float(tag) for name, tag in dict(finish).items()},
+    )
 
 
 def _loads(raw: bytes | str) -> dict[str, Any] | None:
