@@ -19,6 +19,9 @@ from pytest_aiohttp import AiohttpServer
 from llamapool.config import ServeConfig, WorkConfig
 from llamapool.plugin_api import BackendSettings
 from llamapool.protocol import (
+    FEATURE_BINARY_FRAMES,
+    FRAME_REQUEST_BODY,
+    PROTOCOL_VERSION,
     ProxyRequest,
     Register,
     ResponseChunk,
@@ -26,10 +29,11 @@ from llamapool.protocol import (
     ResponseHeaders,
     decode,
     encode,
+    unpack_frame,
 )
 from llamapool.server.app import create_app
 from llamapool.server.appkeys import POOL
-from llamapool.server.link import WorkerLink
+from llamapool.server.link import INLINE_BODY, WorkerLink
 from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.testing import (
     create_broken_app,
@@ -436,3 +440,55 @@ async def test_binary_frames_are_negotiated_and_bodies_are_the_same_either_way(
     assert 200 == direct[0]
     assert len(direct[2]) > 100_000
     assert direct == via_py == via_go
+
+
+async def test_with_binary_frames_a_small_body_rides_in_the_request_and_a_large_one_follows_raw(
+    start_server: StartServer,
+) -> None:
+    """One frame for a request whose body is at most INLINE_BODY (the base64 of a few KiB
+    costs less than a second frame and write); past it, the body follows as one binary frame,
+    never base64. A py worker takes either; the bytes are the client's."""
+    server = await start_server()
+    small, large = (
+        b'{"model": "m", "x": "' + b"s" * 100 + b'"}',
+        orjson.dumps({"model": "m", "x": "l" * (INLINE_BODY + 1)}),
+    )
+    register = Register(
+        worker_id="bin",
+        worker_key=WORKER_KEY,
+        models=["m"],
+        protocol=PROTOCOL_VERSION,
+        features=[FEATURE_BINARY_FRAMES],
+    )
+    seen: list[tuple[str, bytes]] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as ws:
+        await ws.send_str(encode(register))
+        await wait_for(lambda: server.pool.get("bin") is not None, what="the worker")
+
+        async def work() -> None:
+            waiting: dict[str, ProxyRequest] = {}
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    kind, rid, payload = unpack_frame(msg.data)
+                    assert FRAME_REQUEST_BODY == kind
+                    seen.append(("frame", bytes(payload)))
+                elif isinstance(request := decode(msg.data), ProxyRequest):
+                    if request.body_len:
+                        waiting[request.request_id] = request
+                        continue
+                    rid = request.request_id
+                    seen.append(("inline", request.body))
+                else:
+                    continue
+                await ws.send_str(encode(ResponseHeaders(rid, 200, {})))
+                await ws.send_str(encode(ResponseEnd(rid)))
+
+        worker = asyncio.create_task(work())
+        for body in (small, large):
+            async with http.post(
+                server.url + "/v1/chat/completions", data=body, headers=server.auth
+            ) as resp:
+                assert 200 == resp.status
+        worker.cancel()
+
+    assert [("inline", small), ("frame", large)] == seen
