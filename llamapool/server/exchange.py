@@ -139,6 +139,22 @@ class Exchange:
             self.buffered -= len(event)
         return event
 
+    @property
+    def pending(self) -> bool:
+        """Whether an event is queued (more of the answer is already here)."""
+        return bool(self._events)
+
+    def clean_end(self) -> Ended | None:
+        """The worker's successful end, taken, if it is the next event: then the whole rest of
+        the answer is here, and can leave in the same write as its last chunks."""
+        events = self._events
+        if events:
+            event = events[0]
+            if isinstance(event, Ended) and event.error is None:
+                events.popleft()
+                return event
+        return None
+
     def queued_chunks(self) -> list[bytes | memoryview]:
         """The body chunks queued now, up to the next event of another kind (taken)."""
         events, chunks = self._events, []

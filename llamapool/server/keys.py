@@ -151,11 +151,11 @@ class KeyStore(KeysFile):
         metrics = self._metrics if usage is self.usage.get(key.name) else None
         if refusal is not None:
             if metrics is not None:
-                metrics.key_limited.labels(key.name, refusal.limit).inc()
+                metrics.of(metrics.key_limited, key.name, refusal.limit).inc()
             self._on_change()
         elif metrics is not None:
-            metrics.key_requests.labels(key.name).inc()
-            metrics.key_active.labels(key.name).inc()
+            metrics.of(metrics.key_requests, key.name).inc()
+            metrics.of(metrics.key_active, key.name).inc()
         return usage, refusal
 
     def finished(self, usage: KeyUsage, tokens_in: int, tokens_out: int) -> None:
@@ -163,9 +163,9 @@ class KeyStore(KeysFile):
         usage.finish(tokens_in, tokens_out)
         name = usage.key.name
         if self._metrics is not None and usage is self.usage.get(name):
-            self._metrics.key_active.labels(name).dec()
-            self._metrics.key_tokens.labels(name, "in").inc(tokens_in)
-            self._metrics.key_tokens.labels(name, "out").inc(tokens_out)
+            self._metrics.of(self._metrics.key_active, name).dec()
+            self._metrics.of(self._metrics.key_tokens, name, "in").inc(tokens_in)
+            self._metrics.of(self._metrics.key_tokens, name, "out").inc(tokens_out)
 
     def snapshot(self, queued: Mapping[str, int]) -> list[dict[str, Any]]:
         """Per key name, for ``/api/v1/state``: totals, requests in flight and queued, limits."""

@@ -12,6 +12,7 @@ forgets it.
 from __future__ import annotations
 
 import contextlib
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -44,6 +45,8 @@ KEY_LIMITS = ("rpm", "tpm", "concurrency", "daily_tokens")
 #: Latency buckets from 5 ms to 10 min: LLM requests range from embeddings to long generations.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
 
 class ServerMetrics:
     """The server's collectors, in a registry of their own (one per application)."""
@@ -51,6 +54,8 @@ class ServerMetrics:
     def __init__(self, build: BuildInfo, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # Go exports no *_created
         self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        #: Series handed out by :meth:`of`, by (collector, label values).
+        self._series: dict[tuple[Any, ...], Any] = {}
         # --- the Go version's series -----------------------------------------------------
         self.build_info = Gauge(
             "llamapool_build_info",
@@ -191,38 +196,48 @@ class ServerMetrics:
             registry=r,
         )
 
+    def of(self, metric: _Metric, *labels: str) -> _Metric:
+        """``metric.labels(*labels)``, remembered: a request touches about ten series, and
+        prometheus-client checks, converts and locks on every lookup (3 µs each); a series
+        is forgotten here when it is removed (see :meth:`_remove`)."""
+        key = (metric, *labels)
+        series: _Metric | None = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(*labels)
+        return series
+
     def mcp_call(self, endpoint: str, method: str, outcome: str, seconds: float) -> None:
         """One MCP call ended."""
-        self.mcp_calls.labels(endpoint, method, outcome).inc()
-        self.mcp_call_duration.labels(endpoint, method).observe(seconds)
+        self.of(self.mcp_calls, endpoint, method, outcome).inc()
+        self.of(self.mcp_call_duration, endpoint, method).observe(seconds)
 
     def forget_model(self, model: str) -> None:
         """Remove every per-model series of a model that is gone."""
-        _remove(self.model_workers, model)
-        _remove(self.time_to_first_byte, model)
+        self._remove(self.model_workers, model)
+        self._remove(self.time_to_first_byte, model)
         for outcome in OUTCOMES:
-            _remove(self.model_requests, model, outcome)
+            self._remove(self.model_requests, model, outcome)
         for kind in TOKEN_KINDS:
-            _remove(self.model_tokens, model, kind)
+            self._remove(self.model_tokens, model, kind)
 
     def forget_worker_model(self, worker_id: str, model: str) -> None:
         """Remove the series of one worker for one model (the worker or the model is gone)."""
-        _remove(self.request_duration, worker_id, model)
+        self._remove(self.request_duration, worker_id, model)
 
     def forget_key(self, name: str) -> None:
         """Remove every series of a client key name no longer configured."""
-        _remove(self.key_requests, name)
-        _remove(self.key_active, name)
+        self._remove(self.key_requests, name)
+        self._remove(self.key_active, name)
         for kind in TOKEN_KINDS:
-            _remove(self.key_tokens, name, kind)
+            self._remove(self.key_tokens, name, kind)
         for limit in KEY_LIMITS:
-            _remove(self.key_limited, name, limit)
+            self._remove(self.key_limited, name, limit)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
-    # prometheus-client before 0.20 raises KeyError for a series that was never created.
-    with contextlib.suppress(KeyError):
-        metric.remove(*labels)
+    def _remove(self, metric: Counter | Gauge | Histogram, *labels: str) -> None:
+        self._series.pop((metric, *labels), None)
+        # prometheus-client before 0.20 raises KeyError for a series that was never created.
+        with contextlib.suppress(KeyError):
+            metric.remove(*labels)

@@ -137,10 +137,10 @@ class PoolState:
         now = time.time()
         for model in self._models - advertised:
             self._gone_models[model] = now
-            self.metrics.model_workers.labels(model).set(0)
+            self.metrics.of(self.metrics.model_workers, model).set(0)
         for model in advertised:
             self._gone_models.pop(model, None)
-            self.metrics.model_workers.labels(model).set(counts.get(model, 0))
+            self.metrics.of(self.metrics.model_workers, model).set(counts.get(model, 0))
         self._models = advertised
         self._evict_models()
         self._count_workers()
@@ -190,16 +190,16 @@ class PoolState:
         m = self.metrics
         m.requests_in_flight.dec()
         if not forwarded:
-            m.model_requests.labels(model, outcome).inc()
+            m.of(m.model_requests, model, outcome).inc()
             if ttfb is not None:
-                m.time_to_first_byte.labels(model).observe(ttfb)
+                m.of(m.time_to_first_byte, model).observe(ttfb)
             if outcome == SUCCESS:
                 self.jobs_completed_total += 1
             elif outcome == ERROR:
                 self.jobs_failed_total += 1
             if usage is not None:
-                m.model_tokens.labels(model, "in").inc(usage.tokens_in)
-                m.model_tokens.labels(model, "out").inc(usage.tokens_out)
+                m.of(m.model_tokens, model, "in").inc(usage.tokens_in)
+                m.of(m.model_tokens, model, "out").inc(usage.tokens_out)
         record = self.records.get(worker.id)
         if record is not None:  # a worker forgotten already gets no new per-worker series
             self._tally(record, model, outcome, duration, usage, error)
@@ -219,7 +219,7 @@ class PoolState:
     ) -> None:
         """Add one request to a worker's totals and its duration series."""
         worker_id = record.handle.id
-        self.metrics.request_duration.labels(worker_id, model).observe(duration)
+        self.metrics.of(self.metrics.request_duration, worker_id, model).observe(duration)
         tally = record.per_model.get(model)
         if tally is None:
             tally = record.per_model[model] = ModelTally()
@@ -240,7 +240,7 @@ class PoolState:
 
     def rejected(self, reason: str) -> None:
         """A request refused before any worker saw it (no_worker, busy, unauthorized, ...)."""
-        self.metrics.rejections.labels(reason).inc()
+        self.metrics.of(self.metrics.rejections, reason).inc()
 
     def queue_changed(self, length: int, waited: float | None) -> None:
         """The queue grew or shrank; ``waited`` is set when a request left it for a worker."""
@@ -296,7 +296,7 @@ class PoolState:
             record.counted_as = record.status
             counts[record.counted_as] += 1
         for status, n in counts.items():
-            self.metrics.workers.labels(status).set(n)
+            self.metrics.of(self.metrics.workers, status).set(n)
         self._status_counts = counts
         self.changed()
 
@@ -306,10 +306,10 @@ class PoolState:
         if record is not None and record.handle is worker and record.status != record.counted_as:
             counts = self._status_counts
             counts[record.counted_as] -= 1
-            self.metrics.workers.labels(record.counted_as).set(counts[record.counted_as])
+            self.metrics.of(self.metrics.workers, record.counted_as).set(counts[record.counted_as])
             record.counted_as = record.status
             counts[record.counted_as] += 1
-            self.metrics.workers.labels(record.counted_as).set(counts[record.counted_as])
+            self.metrics.of(self.metrics.workers, record.counted_as).set(counts[record.counted_as])
         self.changed()
 
     def snapshot(self) -> dict[str, Any]:

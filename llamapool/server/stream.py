@@ -97,6 +97,9 @@ async def stream_back(
     stalled = loop.call_at(deadlines.end + STALL_GRACE, _cut_off, request)
     try:
         if not response.prepared:
+            # With more of the answer here already, the headers leave with it, in one write
+            # (aiohttp's switch; otherwise they leave at once, as a stream's client expects).
+            response._send_headers_immediately = not exchange.pending
             await response.prepare(request)
         event: Event
         heard = loop.time()  # when the worker was last heard from
@@ -111,7 +114,13 @@ async def stream_back(
             heard = loop.time()
             if not isinstance(event, (bytes, memoryview)):
                 break
-            await body.write(response, [event, *exchange.queued_chunks()])
+            chunks = [event, *exchange.queued_chunks()]
+            end = exchange.clean_end()
+            if end is not None:  # the rest of the answer is here: body and end in one write
+                event = end
+                await body.write(response, chunks, last=True)
+                break
+            await body.write(response, chunks)
             body.arm(request, response)
         exchange.sink = None
         trace.usage = body.usage()
@@ -181,13 +190,19 @@ class _Body:
                 self._link.grant_soon(self._exchange.request_id, self._consumed)
                 self._consumed = 0
 
-    async def write(self, response: web.StreamResponse, chunks: list[bytes | memoryview]) -> None:
-        """The handler's path: several queued chunks leave in one write; they are credited
-        once written (the write waits while the client's socket is full)."""
+    async def write(
+        self, response: web.StreamResponse, chunks: list[bytes | memoryview], *, last: bool = False
+    ) -> None:
+        """The handler's path: several queued chunks leave in one write (with the end of the
+        response if they are the ``last``); they are credited once written (the write waits
+        while the client's socket is full)."""
         for chunk in chunks:
             self._read(chunk)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        await response.write(data)
+        if last:
+            await response.write_eof(bytes(data))
+        else:
+            await response.write(data)
         self.written = True
         self._credit(len(data))
 

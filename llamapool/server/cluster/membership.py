@@ -244,7 +244,7 @@ class Cluster:
         return Holder(entry["worker"], str(entry.get("model", "")))
 
     def _sent(self) -> None:
-        self._metrics.cluster_requests.labels("out").inc()
+        self._metrics.of(self._metrics.cluster_requests, "out").inc()
 
     def _loaded(self, worker: WorkerHandle) -> None:
         if not worker.server:
@@ -254,7 +254,7 @@ class Cluster:
     def forwarded(self, worker: WorkerHandle, origin: str, delta: int) -> None:
         """A request from server ``origin`` started (+1) or ended (-1) on a local worker."""
         if delta > 0:
-            self._metrics.cluster_requests.labels("in").inc()
+            self._metrics.of(self._metrics.cluster_requests, "in").inc()
         counts = self.origins.setdefault(worker.id, Counter())
         counts[origin] += delta
         if counts[origin] <= 0:
