@@ -317,12 +317,13 @@ class _Batch:
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
 
     def add(self, out: _Stderr | _RotatingFile, line: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            _write(out, line)  # the batch is the main thread's
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            loop = None
-        if loop is None or threading.current_thread() is not threading.main_thread():
-            self.flush()
+            self.flush()  # what a loop left behind goes first
             _write(out, line)
             return
         if self._scheduled_on is not loop:

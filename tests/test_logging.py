@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -123,6 +124,27 @@ def test_level_filters_events(capsys: pytest.CaptureFixture[str]) -> None:
     log.error("kept_error")
 
     assert ["kept_warning", "kept_error"] == [e["event"] for e in events(capsys.readouterr().err)]
+
+
+def test_lines_logged_in_an_event_loop_arrive_whole_and_in_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The lines of one turn of the event loop leave together (one write), in order, and none
+    is lost when the loop ends right after logging it."""
+    configure_logging("info", fmt="json")
+
+    async def busy_turns() -> None:
+        for n in range(3):
+            log.info("tick", n=n)
+        await asyncio.sleep(0)
+        log.info("last_in_loop")
+
+    asyncio.run(busy_turns())
+    in_loop = capsys.readouterr().err
+    log.info("after_loop")
+
+    assert ["tick", "tick", "tick", "last_in_loop"] == [e["event"] for e in events(in_loop)]
+    assert ["after_loop"] == [e["event"] for e in events(capsys.readouterr().err)]
 
 
 def test_unknown_level_is_a_config_error() -> None:
