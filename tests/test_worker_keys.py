@@ -26,7 +26,7 @@ from llamapool.protocol import (
     Register,
     encode,
 )
-from llamapool.server.appkeys import WORKER_KEYS
+from llamapool.server.appkeys import MCP, WORKER_KEYS
 from llamapool.server.keyfile import ANONYMOUS, parse_worker_keys, read_worker_keys_file
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
@@ -60,8 +60,10 @@ async def connected(url: str, key: str, worker_id: str, models: list[str]) -> As
 
 
 async def closed_with(ws: Socket) -> tuple[int | None, str]:
-    """The code and reason the server closed ``ws`` with."""
+    """The code and reason the server closed ``ws`` with (what it sent before is skipped)."""
     msg = await asyncio.wait_for(ws.receive(), 10)
+    while msg.type is WSMsgType.TEXT:
+        msg = await asyncio.wait_for(ws.receive(), 10)
     assert WSMsgType.CLOSE == msg.type
     return ws.close_code, str(msg.extra)
 
@@ -241,3 +243,39 @@ def test_the_example_worker_keys_file_parses() -> None:
     path = Path(__file__).parent.parent / "contrib" / "env" / "worker-keys.yaml"
 
     assert ["lab-gpus", "bobs-laptop"] == [k.name for k in read_worker_keys_file(path)]
+
+
+@contextlib.asynccontextmanager
+async def relay_connected(url: str, key: str, mcp_id: str) -> AsyncIterator[Socket]:
+    """A raw MCP relay's socket, its register sent; closed when the block ends."""
+    register = Register(
+        worker_key=key, worker_name=mcp_id, kind="mcp", mcp_id=mcp_id, mcp_token_sha256="ab" * 32
+    )
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        await ws.send_str(encode(register))
+        yield ws
+
+
+async def test_an_mcp_relay_holds_its_worker_key_like_a_worker(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """An MCP relay counts against its key's ``max_workers`` (beside workers), and a disabled
+    key disconnects it at once with 1008 ``unauthorized``, its endpoint gone."""
+    path = keys_file(tmp_path / "workers.yaml", gpu("max_workers: 2"))
+    server = await file_server(start_server, path)
+    endpoints = server.server.app[MCP].endpoints
+    async with (
+        connected(server.ws_url, GPU, "w1", ["m"]),
+        relay_connected(server.ws_url, GPU, "tools") as relay,
+    ):
+        await wait_for(lambda: "tools" in endpoints, what="the relay's endpoint")
+        async with relay_connected(server.ws_url, GPU, "more-tools") as third:
+            full = await closed_with(third)
+        keys_file(path, gpu("max_workers: 2\ndisabled: true"))
+        revoked = await closed_with(relay)
+
+    assert CLOSE_KEY_FULL == full[0]
+    assert "worker key 'gpu-box' has its max_workers (2) connected" == full[1]
+    assert (CLOSE_POLICY, REASON_UNAUTHORIZED) == revoked
+    assert "tools" not in endpoints
+    assert 0 == server.server.app[WORKER_KEYS].connected("gpu-box")

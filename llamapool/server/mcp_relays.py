@@ -16,6 +16,7 @@ from llamapool import __version__, protocol
 from llamapool.errors import ProtocolError
 from llamapool.protocol import (
     CLOSE_INVALID_MESSAGES,
+    CLOSE_KEY_FULL,
     CLOSE_POLICY,
     STATUS_DRAINING,
     Heartbeat,
@@ -25,7 +26,8 @@ from llamapool.protocol import (
     Registered,
     StatusUpdate,
 )
-from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, MCP
+from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, MCP, WORKER_KEYS
+from llamapool.server.keyfile import WorkerKey
 from llamapool.server.mcp_sessions import McpEndpoints, McpRefusedError, Relay
 
 log = structlog.get_logger("llamapool.server")
@@ -51,8 +53,12 @@ def check_relay(register: Register) -> str:
     return ""
 
 
-async def serve_relay(app: web.Application, ws: web.WebSocketResponse, register: Register) -> None:
-    """A registered MCP relay: it serves its endpoint until its socket closes."""
+async def serve_relay(
+    app: web.Application, ws: web.WebSocketResponse, register: Register, key: WorkerKey
+) -> None:
+    """A registered MCP relay: it serves its endpoint until its socket closes, or its worker
+    key is revoked. It holds its key as a worker does, so it counts against the key's
+    ``max_workers`` and a revoked key disconnects it at once."""
     endpoints, cfg = app[MCP], app[CONFIG]
     problem = check_relay(register)
     if problem:
@@ -68,9 +74,25 @@ async def serve_relay(app: web.Application, ws: web.WebSocketResponse, register:
         call_timeout=float(register.mcp_call_timeout),
         version=register.version,
     )
+    closing: list[asyncio.Future[bool]] = []
+
+    def revoke(code: int, reason: str) -> None:
+        endpoints.relay_left(relay)  # no new sessions or calls from this instant
+        closing.append(asyncio.ensure_future(ws.close(code=code, message=reason.encode())))
+
+    worker_keys = app[WORKER_KEYS]
+    grant = worker_keys.grant(key, relay, revoke)
+    if grant is None:
+        reason = f"worker key {key.name!r} has its max_workers ({key.max_workers}) connected"
+        app[LOG_THROTTLE].log(
+            log.warning, "mcp_relay_rejected", reason="max_workers", credential=key.name
+        )
+        await ws.close(code=CLOSE_KEY_FULL, message=reason.encode()[:120])
+        return
     try:
         endpoints.relay_joined(relay)
     except McpRefusedError as exc:
+        worker_keys.release(grant)
         app[LOG_THROTTLE].log(log.warning, "mcp_relay_rejected", reason=str(exc))
         await ws.close(code=CLOSE_POLICY, message=str(exc).encode()[:120])
         return
@@ -79,9 +101,10 @@ async def serve_relay(app: web.Application, ws: web.WebSocketResponse, register:
         await ws.send_str(protocol.encode(Registered(features=[], version=__version__)))
         await _read(ws, relay, endpoints, timeout=cfg.worker_timeout)
     finally:
+        worker_keys.release(grant)
         endpoints.relay_left(relay)
         writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        await asyncio.gather(writer, *closing, return_exceptions=True)
 
 
 async def _write(ws: web.WebSocketResponse, relay: Relay) -> None:

@@ -106,7 +106,11 @@ class Relay:
     token_sha256: str
     call_timeout: float
     version: str = ""
+    #: The name of the worker key it connected with.
+    credential: str = "anonymous"
     draining: bool = False
+    #: It has left (its key was revoked, or its socket closed): once only.
+    gone: bool = False
     connected_at: float = attrs.Factory(time.time)
     sessions: set[McpSession] = attrs.Factory(set)
     outbox: asyncio.Queue[Message | None] = attrs.Factory(asyncio.Queue)
@@ -189,6 +193,9 @@ class McpEndpoints:
         self._on_change()
 
     def relay_left(self, relay: Relay, reason: str = "the MCP relay disconnected") -> None:
+        if relay.gone:
+            return
+        relay.gone = True
         for session in list(relay.sessions):
             self.close_session(session, reason, tell_relay=False)
         endpoint = self.endpoints.get(relay.endpoint_id)

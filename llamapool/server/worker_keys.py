@@ -2,8 +2,9 @@
 
 :class:`WorkerKeyStore` is the one owner of the worker keys: it reads ``WORKER_KEY`` and
 ``WORKER_KEYS_FILE`` (reloaded like ``KEYS_FILE``: on SIGHUP and when it changes), answers which
-key a worker presented, holds one :class:`Grant` per connected worker (so ``max_workers`` counts
-and a revocation reaches it), and narrows what a worker advertises to its key's ``models``.
+key a worker presented, holds one :class:`Grant` per connected worker or MCP relay (so
+``max_workers`` counts both and a revocation reaches both), and narrows what a worker
+advertises to its key's ``models``.
 A key removed, disabled or expired disconnects its workers at once with 1008 ``unauthorized``,
 which tells a worker to stop rather than retry. No aiohttp here: the worker socket passes in how
 to disconnect its worker.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import attrs
 import structlog
@@ -35,12 +37,19 @@ log = structlog.get_logger("llamapool.server")
 Revoke = Callable[[int, str], None]
 
 
+class Holder(Protocol):
+    """What holds a worker key while connected: a worker, or an MCP relay."""
+
+    id: str
+    credential: str
+
+
 @attrs.define(eq=False)
 class Grant:
-    """A connected worker's hold on its key."""
+    """A connected worker's (or MCP relay's) hold on its key."""
 
     key: WorkerKey
-    worker: WorkerHandle
+    holder: Holder
     revoke: Revoke = attrs.field(repr=False)
     #: What the worker last advertised, before its key's ``models`` narrowed it.
     advertised: frozenset[str] = frozenset()
@@ -62,7 +71,7 @@ class WorkerKeyStore(KeysFile):
         #: Told when a connected worker's key now allows other models: the worker and what it
         #: advertised (the registry narrows it again, see :meth:`permit`).
         self.on_models_changed: Callable[[WorkerHandle, frozenset[str]], None] = _ignore
-        self._grants: dict[WorkerHandle, Grant] = {}
+        self._grants: dict[Holder, Grant] = {}
         self._by_name: dict[str, set[Grant]] = {}
         self._next_expiry = math.inf
         self._by_sha256: dict[bytes, WorkerKey] = {}
@@ -91,24 +100,25 @@ class WorkerKeyStore(KeysFile):
 
     # --- connected workers -------------------------------------------------------------------
 
-    def grant(self, key: WorkerKey, worker: WorkerHandle, revoke: Revoke) -> Grant | None:
-        """Let ``worker`` hold ``key`` while it is connected; ``None`` if the key's
-        ``max_workers`` are connected (a new connection of one of them does not count twice)."""
+    def grant(self, key: WorkerKey, holder: Holder, revoke: Revoke) -> Grant | None:
+        """Let a worker or an MCP relay hold ``key`` while it is connected; ``None`` if the
+        key's ``max_workers`` are connected (a new connection of one of them does not count
+        twice)."""
         held = self._by_name.setdefault(key.name, set())
         if key.max_workers is not None:
-            others = {g.worker.id for g in held} - {worker.id}
+            others = {g.holder.id for g in held} - {holder.id}
             if len(others) >= key.max_workers:
                 return None
-        grant = Grant(key, worker, revoke)
-        worker.credential = key.name
+        grant = Grant(key, holder, revoke)
+        holder.credential = key.name
         held.add(grant)
-        self._grants[worker] = grant
+        self._grants[holder] = grant
         return grant
 
     def release(self, grant: Grant) -> None:
         """The worker's connection ended (a second call does nothing)."""
-        if self._grants.get(grant.worker) is grant:
-            del self._grants[grant.worker]
+        if self._grants.get(grant.holder) is grant:
+            del self._grants[grant.holder]
         held = self._by_name.get(grant.key.name)
         if held is not None:
             held.discard(grant)
@@ -155,8 +165,8 @@ class WorkerKeyStore(KeysFile):
             else:
                 rules_changed = key.models != grant.key.models
                 self._rekey(grant, key)
-                if rules_changed:
-                    self.on_models_changed(grant.worker, grant.advertised)
+                if rules_changed and isinstance(grant.holder, WorkerHandle):
+                    self.on_models_changed(grant.holder, grant.advertised)
         return len(named)
 
     def poll(self) -> None:
@@ -186,15 +196,15 @@ class WorkerKeyStore(KeysFile):
             self.release(grant)
             grant.key = key
             self._by_name.setdefault(key.name, set()).add(grant)
-            self._grants[grant.worker] = grant
-            grant.worker.credential = key.name
+            self._grants[grant.holder] = grant
+            grant.holder.credential = key.name
         grant.key = key
 
     def _revoke(self, grant: Grant, why: str) -> None:
         self.release(grant)
         log.warning(
             "worker_key_revoked",
-            worker_id=grant.worker.id,
+            worker_id=grant.holder.id,
             credential=grant.key.name,
             reason=why,
         )

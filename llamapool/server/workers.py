@@ -66,7 +66,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         if admitted is not None:
             register, key = admitted
             if register.kind == "mcp":  # an MCP relay, not a worker
-                await serve_relay(request.app, ws, register)
+                await serve_relay(request.app, ws, register, key)
             else:
                 await _session(request.app, ws, register, key)
     finally:
