@@ -27,7 +27,7 @@ from llamapool.testing import create_fake_ollama_app
 
 from . import redis_helpers
 from .conftest import API_KEY, PoolServer, url_of, wait_for
-from .keys_helpers import MODEL, chat, raw_worker
+from .keys_helpers import MODEL, captured_events, chat, raw_worker
 from .redis_helpers import RedisServer
 
 redis_server = redis_helpers.redis_server
@@ -98,6 +98,23 @@ async def test_any_server_answers_with_a_worker_connected_to_another(
 
     assert "across the cluster" in await ask(a, "across the cluster")
     assert "and streamed" in await ask(a, "and streamed", stream=True)
+
+
+async def test_between_equally_busy_workers_a_request_stays_on_its_server(
+    clustered: Start, start_worker: Any
+) -> None:
+    """With an idle worker on each server, requests to a go to a's own worker, not across to
+    b's every other time: a hop costs both servers and the client, for nothing."""
+    a, b = await clustered(), await clustered()
+    await together(a, b)
+    await start_worker(a, worker_id="on-a")
+    await start_worker(b, worker_id="on-b")
+    await wait_for(lambda: a.pool.get("on-b") is not None, what="a to learn of b's worker")
+    with captured_events() as events:
+        for n in range(6):
+            assert f"one at a time {n}" in await ask(a, f"one at a time {n}")
+    served = [e["worker_id"] for e in events if e["event"] == "request_done"]
+    assert ["on-a"] * 6 == served
 
 
 async def test_every_server_lists_the_whole_cluster(clustered: Start, start_worker: Any) -> None:
