@@ -29,6 +29,7 @@ from llamapool.protocol import (
 from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, MCP, WORKER_KEYS
 from llamapool.server.keyfile import WorkerKey
 from llamapool.server.mcp_sessions import McpEndpoints, McpRefusedError, Relay
+from llamapool.server.worker_keys import max_workers_reached
 
 log = structlog.get_logger("llamapool.server")
 
@@ -83,7 +84,7 @@ async def serve_relay(
     worker_keys = app[WORKER_KEYS]
     grant = worker_keys.grant(key, relay, revoke)
     if grant is None:
-        reason = f"worker key {key.name!r} has its max_workers ({key.max_workers}) connected"
+        reason = max_workers_reached(key)
         app[LOG_THROTTLE].log(
             log.warning, "mcp_relay_rejected", reason="max_workers", credential=key.name
         )

@@ -211,5 +211,10 @@ class WorkerKeyStore(KeysFile):
         grant.revoke(CLOSE_POLICY, REASON_UNAUTHORIZED)
 
 
+def max_workers_reached(key: WorkerKey) -> str:
+    """Why one more worker (or MCP relay) of ``key`` is refused (its close reason)."""
+    return f"worker key {key.name!r} has its max_workers ({key.max_workers}) connected"
+
+
 def _ignore(worker: WorkerHandle, models: frozenset[str]) -> None:
     return None

@@ -39,7 +39,7 @@ from llamapool.server.mcp_relays import serve_relay
 from llamapool.server.pool import WorkerHandle
 from llamapool.server.registry import Registry
 from llamapool.server.validate import MAX_REGISTER_BYTES, Invalid, check_models, check_register
-from llamapool.server.worker_keys import WorkerKeyStore
+from llamapool.server.worker_keys import WorkerKeyStore, max_workers_reached
 
 log = structlog.get_logger("llamapool.server")
 
@@ -129,7 +129,7 @@ async def _session(
 
     grant = worker_keys.grant(key, worker, revoke)
     if grant is None:
-        reason = f"worker key {key.name!r} has its max_workers ({key.max_workers}) connected"
+        reason = max_workers_reached(key)
         app[LOG_THROTTLE].log(
             log.warning, "worker_rejected", reason="max_workers", credential=key.name
         )
