@@ -16,7 +16,6 @@ from llamapool import __version__, protocol
 from llamapool.errors import ProtocolError
 from llamapool.protocol import (
     CLOSE_INVALID_MESSAGES,
-    CLOSE_KEY_FULL,
     CLOSE_POLICY,
     STATUS_DRAINING,
     Heartbeat,
@@ -29,7 +28,6 @@ from llamapool.protocol import (
 from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, MCP, WORKER_KEYS
 from llamapool.server.keyfile import WorkerKey
 from llamapool.server.mcp_sessions import McpEndpoints, McpRefusedError, Relay
-from llamapool.server.worker_keys import max_workers_reached
 
 log = structlog.get_logger("llamapool.server")
 
@@ -75,20 +73,16 @@ async def serve_relay(
         call_timeout=float(register.mcp_call_timeout),
         version=register.version,
     )
-    closing: list[asyncio.Future[bool]] = []
-
-    def revoke(code: int, reason: str) -> None:
-        endpoints.relay_left(relay)  # no new sessions or calls from this instant
-        closing.append(asyncio.ensure_future(ws.close(code=code, message=reason.encode())))
-
     worker_keys = app[WORKER_KEYS]
-    grant = worker_keys.grant(key, relay, revoke)
+    grant = await worker_keys.hold(
+        key,
+        relay,
+        ws,
+        leave=lambda: endpoints.relay_left(relay),  # no new sessions or calls from then on
+        throttle=app[LOG_THROTTLE],
+        event="mcp_relay_rejected",
+    )
     if grant is None:
-        reason = max_workers_reached(key)
-        app[LOG_THROTTLE].log(
-            log.warning, "mcp_relay_rejected", reason="max_workers", credential=key.name
-        )
-        await ws.close(code=CLOSE_KEY_FULL, message=reason.encode()[:120])
         return
     try:
         endpoints.relay_joined(relay)
@@ -105,7 +99,7 @@ async def serve_relay(
         worker_keys.release(grant)
         endpoints.relay_left(relay)
         writer.cancel()
-        await asyncio.gather(writer, *closing, return_exceptions=True)
+        await asyncio.gather(writer, *grant.closing, return_exceptions=True)
 
 
 async def _write(ws: web.WebSocketResponse, relay: Relay) -> None:

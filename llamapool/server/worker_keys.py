@@ -12,15 +12,17 @@ to disconnect its worker.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import attrs
 import structlog
 
-from llamapool.protocol import CLOSE_POLICY, REASON_UNAUTHORIZED
+from llamapool.log import Throttle
+from llamapool.protocol import CLOSE_KEY_FULL, CLOSE_POLICY, REASON_UNAUTHORIZED
 from llamapool.server.keyfile import (
     ANONYMOUS,
     OPEN_WORKER,
@@ -44,6 +46,12 @@ class Holder(Protocol):
     credential: str
 
 
+class Socket(Protocol):
+    """The connection of a holder, as far as this module closes it (aiohttp's WebSocket)."""
+
+    def close(self, *, code: int, message: bytes) -> Awaitable[Any]: ...
+
+
 @attrs.define(eq=False)
 class Grant:
     """A connected worker's (or MCP relay's) hold on its key."""
@@ -55,6 +63,8 @@ class Grant:
     advertised: frozenset[str] = frozenset()
     #: What of that its key refused (logged when it changes).
     refused: frozenset[str] = frozenset()
+    #: The close of its socket on revocation, for the connection to await as it ends.
+    closing: list[asyncio.Future[Any]] = attrs.Factory(list)
 
 
 class WorkerKeyStore(KeysFile):
@@ -113,6 +123,35 @@ class WorkerKeyStore(KeysFile):
         holder.credential = key.name
         held.add(grant)
         self._grants[holder] = grant
+        return grant
+
+    async def hold(
+        self,
+        key: WorkerKey,
+        holder: Holder,
+        socket: Socket,
+        *,
+        leave: Callable[[], object],
+        throttle: Throttle,
+        event: str,
+    ) -> Grant | None:
+        """:meth:`grant` for a connection: revoking the key calls ``leave`` (no new work from
+        that instant) and closes ``socket`` with 1008 ``unauthorized``. When the key's
+        ``max_workers`` are connected, ``socket`` is closed with 4003 and a reason (logged as
+        ``event``, once per reason and interval) and ``None`` is returned."""
+
+        closing: list[asyncio.Future[Any]] = []
+
+        def revoke(code: int, reason: str) -> None:
+            leave()
+            closing.append(asyncio.ensure_future(socket.close(code=code, message=reason.encode())))
+
+        grant = self.grant(key, holder, revoke)
+        if grant is None:
+            throttle.log(log.warning, event, reason="max_workers", credential=key.name)
+            await socket.close(code=CLOSE_KEY_FULL, message=max_workers_reached(key).encode()[:120])
+            return None
+        grant.closing = closing
         return grant
 
     def release(self, grant: Grant) -> None:

@@ -17,7 +17,6 @@ from llamapool.log import Throttle
 from llamapool.protocol import (
     CLOSE_ID_IN_USE,
     CLOSE_INVALID_MESSAGES,
-    CLOSE_KEY_FULL,
     CLOSE_POLICY,
     FEATURE_BINARY_FRAMES,
     FEATURE_FLOW_CONTROL,
@@ -39,7 +38,7 @@ from llamapool.server.mcp_relays import serve_relay
 from llamapool.server.pool import WorkerHandle
 from llamapool.server.registry import Registry
 from llamapool.server.validate import MAX_REGISTER_BYTES, Invalid, check_models, check_register
-from llamapool.server.worker_keys import WorkerKeyStore, max_workers_reached
+from llamapool.server.worker_keys import WorkerKeyStore
 
 log = structlog.get_logger("llamapool.server")
 
@@ -121,19 +120,15 @@ async def _session(
         instance=register.instance,
     )
     registry, worker_keys = app[REGISTRY], app[WORKER_KEYS]
-    closing: list[asyncio.Future[bool]] = []
-
-    def revoke(code: int, reason: str) -> None:
-        registry.leave(worker)  # no new requests from this instant
-        closing.append(asyncio.ensure_future(ws.close(code=code, message=reason.encode())))
-
-    grant = worker_keys.grant(key, worker, revoke)
+    grant = await worker_keys.hold(
+        key,
+        worker,
+        ws,
+        leave=lambda: registry.leave(worker),  # no new requests from then on
+        throttle=app[LOG_THROTTLE],
+        event="worker_rejected",
+    )
     if grant is None:
-        reason = max_workers_reached(key)
-        app[LOG_THROTTLE].log(
-            log.warning, "worker_rejected", reason="max_workers", credential=key.name
-        )
-        await ws.close(code=CLOSE_KEY_FULL, message=reason.encode()[:120])
         return
     try:
         replaced = registry.join(worker)
