@@ -41,6 +41,23 @@ USAGE_BODY = orjson.dumps(
 )
 
 
+#: Two keys for the fair-queue tests: ``batch``, whose weight the test sets, and ``chat``.
+FAIR_KEYS = """\
+keys:
+  - name: batch
+    key: sk-batch-0123456789
+    weight: {batch}
+  - name: chat
+    key: sk-chat-0123456789
+"""
+BATCH, CHAT = "sk-batch-0123456789", "sk-chat-0123456789"
+
+
+def fair_keys(path: Path, *, batch_weight: int = 1) -> Path:
+    """The :data:`FAIR_KEYS` file, with ``batch`` of weight ``batch_weight``."""
+    return write_keys(path, FAIR_KEYS.format(batch=batch_weight))
+
+
 @contextlib.contextmanager
 def captured_events() -> Iterator[list[dict[str, Any]]]:
     """Log events as structlog would emit them, with the request's context variables merged

@@ -21,9 +21,12 @@ from llamapool.server.cluster.endpoint import CLUSTER
 from . import redis_helpers
 from .conftest import PoolServer, StartServer, wait_for
 from .keys_helpers import (
+    BATCH,
+    CHAT,
     MODEL,
     RawWorker,
     chat,
+    fair_keys,
     post,
     raw_worker,
     sdk,
@@ -161,17 +164,6 @@ async def test_the_queue_bounds_hold_over_the_servers(
     assert refused.value.code == "queue_full"
 
 
-FAIR_KEYS = """\
-keys:
-  - name: batch
-    key: sk-batch-0123456789
-    weight: {batch}
-  - name: chat
-    key: sk-chat-0123456789
-"""
-BATCH, CHAT = "sk-batch-0123456789", "sk-chat-0123456789"
-
-
 def in_step(*servers: PoolServer) -> bool:
     """Whether each server knows where every other server's queues stand."""
     for here in servers:
@@ -210,7 +202,7 @@ async def contend(
 ) -> list[str]:
     """Two servers and a worker with one slot on the first, held busy; ``queued`` sends
     (server, key, requests) in that order; the key of each of the next ``count`` served."""
-    keys = write_keys(tmp_path / "keys.yaml", FAIR_KEYS.format(batch=weight))
+    keys = fair_keys(tmp_path / "keys.yaml", batch_weight=weight)
     servers = tuple(await cluster_of(2, start_server, redis, keys))
     a, b = servers
     async with raw_worker(a) as worker, aiohttp.ClientSession() as http:
@@ -273,7 +265,7 @@ async def test_a_key_that_starts_waiting_on_another_server_joins_the_turns_where
     """Chat's queue on a has been served six times when batch (weight 1) starts queueing on b:
     the two alternate from there; batch does not catch up on the six turns it was not there
     for."""
-    keys = write_keys(tmp_path / "keys.yaml", FAIR_KEYS.format(batch=1))
+    keys = fair_keys(tmp_path / "keys.yaml")
     a, b = await cluster_of(2, start_server, redis_server, keys)
     async with raw_worker(a) as worker, aiohttp.ClientSession() as http:
         await wait_for(lambda: b.pool.get("raw-1") is not None, what="b to learn of the worker")

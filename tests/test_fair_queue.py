@@ -19,22 +19,21 @@ from llamapool.server.pool import Pool, WorkerHandle
 from llamapool.server.scheduler import Scheduler
 
 from .conftest import PoolServer, StartServer, wait_for
-from .keys_helpers import MODEL, RawWorker, chat, post, raw_worker, until_queued, write_keys
-
-KEYS = """\
-keys:
-  - name: batch
-    key: sk-batch-0123456789
-    weight: {batch}
-  - name: chat
-    key: sk-chat-0123456789
-"""
-BATCH, CHAT = "sk-batch-0123456789", "sk-chat-0123456789"
+from .keys_helpers import (
+    BATCH,
+    CHAT,
+    MODEL,
+    RawWorker,
+    chat,
+    fair_keys,
+    post,
+    raw_worker,
+    until_queued,
+)
 
 
 async def fair_server(start_server: StartServer, tmp_path: Path, **settings: Any) -> PoolServer:
-    weight = settings.pop("batch_weight", 1)
-    path = write_keys(tmp_path / "keys.yaml", KEYS.format(batch=weight))
+    path = fair_keys(tmp_path / "keys.yaml", batch_weight=settings.pop("batch_weight", 1))
     return await start_server(keys_file=str(path), **settings)
 
 
