@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from _deploy import REST
-from _relay_report import BUSY_ELSEWHERE, dig, fmt
+from _relay_report import dig, fmt
+from _report import busy_warning
 
 LABEL, CELL, DELTA = 38, 15, 10
 SERVER = "server"
@@ -112,17 +113,7 @@ def render(report: dict[str, Any]) -> str:
     if "processes" in report:
         lines += ["", *processes_table(report["processes"], params, answers, env["cores"])]
     rows = [r for part in ("hop", "processes") if part in report for r in report[part]["rows"]]
-    busy_rows = [
-        f"{r['setup']} c={r['concurrency']} ({r['cpu_busy'][REST]:.0%})"
-        for r in rows
-        if r["cpu_busy"].get(REST, 0) > BUSY_ELSEWHERE
-    ]
-    if busy_rows:
-        warning = (
-            f"WARNING: something else kept this machine busy during {', '.join(busy_rows)} "
-            "(see 'rest of the machine'): those numbers measure the contention too."
-        )
-        lines += ["", textwrap.fill(warning, 100)]
+    lines += busy_warning(rows, lambda r: f"{r['setup']} c={r['concurrency']}")
     for problem in report["stop_problems"]:
         lines += ["", textwrap.fill(f"WARNING: at the end, {problem}.", 100)]
     lines += ["", f"({report['seconds']} s)"]

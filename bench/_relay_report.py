@@ -3,14 +3,13 @@ the Python columns divided by Go's."""
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Callable
 from typing import Any
 
 from _deploy import REST
+from _report import busy_warning
 
 LABEL, CELL, RATIO = 40, 15, 7
-BUSY_ELSEWHERE = 0.3
 
 Getter = Callable[[dict[str, Any]], "float | None"]
 
@@ -113,17 +112,7 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"  errors, {config}: {errs}" + (f", unfinished {unfinished}" * bool(unfinished))
             )
-    busy_rows = [
-        f"{r['scenario']} {r['config']} ({r['cpu_busy'][REST]:.0%})"
-        for r in results
-        if r.get("cpu_busy", {}).get(REST, 0) > BUSY_ELSEWHERE
-    ]
-    if busy_rows:
-        warning = (
-            f"WARNING: something else kept this machine busy during {', '.join(busy_rows)} "
-            "(see 'rest of the machine'): those numbers measure the contention too."
-        )
-        lines += ["", textwrap.fill(warning, 100)]
+    lines += busy_warning(results, lambda r: f"{r['scenario']} {r['config']}")
     return "\n".join(lines)
 
 

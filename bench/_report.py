@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from _deploy import REST
@@ -57,18 +58,29 @@ def render(report: dict[str, Any]) -> str:
             for role in ("load generator", "backend", "server", "worker", REST):
                 cpu = (cpu_cell(r, role) for r in (direct, pooled))
                 lines.append(table_row(role, *cpu, indent=4))
-    busy = [
-        f"c={r['concurrency']} {r['kind']} {r['target']} ({r['cpu_busy'][REST]:.0%})"
-        for r in report["results"]
-        if r["cpu_busy"].get(REST, 0) > BUSY_ELSEWHERE
-    ]
-    if busy:
-        warning = (
-            f"WARNING: something else kept this machine busy during {', '.join(busy)} "
-            "(see 'rest of the machine'): those numbers measure the contention too."
-        )
-        lines += ["", textwrap.fill(warning, 100)]
+    lines += busy_warning(
+        report["results"], lambda r: f"c={r['concurrency']} {r['kind']} {r['target']}"
+    )
     return "\n".join(lines)
+
+
+def busy_warning(
+    rows: Iterable[dict[str, Any]], label: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """Lines warning that something else kept the machine busy during some of ``rows`` (each
+    named by ``label``): their numbers measure that contention too. None if nothing did."""
+    busy = [
+        f"{label(r)} ({r['cpu_busy'][REST]:.0%})"
+        for r in rows
+        if r.get("cpu_busy", {}).get(REST, 0) > BUSY_ELSEWHERE
+    ]
+    if not busy:
+        return []
+    warning = (
+        f"WARNING: something else kept this machine busy during {', '.join(busy)} "
+        "(see 'rest of the machine'): those numbers measure the contention too."
+    )
+    return ["", textwrap.fill(warning, 100)]
 
 
 def table_row(label: str, *cells: str, indent: int = 2) -> str:
