@@ -35,6 +35,7 @@ from llamapool.protocol import (
     pack_frame,
 )
 from llamapool.server import link as link_module
+from llamapool.server.inbox import InboxWebSocket
 from llamapool.server.link import MAX_INVALID, WorkerLink
 from llamapool.server.pool import WorkerHandle
 from llamapool.server.validate import MAX_REGISTER_BYTES
@@ -277,6 +278,28 @@ async def test_garbage_is_ignored_and_counted_and_the_worker_keeps_serving(
     assert (200, b'{"ok": true}') == (status, body)
     assert 0 == before
     assert len(COUNTED) + 1 == await ignored_total(pool_server)
+
+
+async def test_a_workers_messages_are_handled_as_parsed_and_in_order_around_pings(
+    pool_server: PoolServer,
+) -> None:
+    """With the installed aiohttp, a worker's data messages skip the receive queue (the relay's
+    fast path); pings between them, which do take the queue, change nothing about their order."""
+    async with raw_worker(pool_server) as ws:
+        socket = link(pool_server).ws
+        direct = isinstance(socket, InboxWebSocket) and socket.delivering
+        chat = asyncio.create_task(post_chat(pool_server))
+        request = await next_request(ws)
+        await ws.ping()
+        await ws.send_str(encode(ResponseHeaders(request.request_id, 200, {})))
+        for part in (b"a", b"b", b"c", b"d"):
+            await ws.ping()
+            await ws.send_str(encode(ResponseChunk(request.request_id, part)))
+        await ws.send_str(encode(ResponseEnd(request.request_id)))
+        status, _, body = await chat
+
+    assert direct
+    assert (200, b"abcd") == (status, body)
 
 
 async def test_repeated_garbage_gets_the_worker_disconnected(pool_server: PoolServer) -> None:

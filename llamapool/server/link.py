@@ -199,9 +199,9 @@ class WorkerLink:
             exchange.push(Broken(reason))
         self.exchanges.clear()
 
-    def close_soon(self, reason: str) -> None:
-        """Close the socket without waiting (eviction, replacement, shutdown)."""
+    def close_soon(self, reason: str, *, code: int = CLOSE_GOING_AWAY) -> None:
+        """Close the socket without waiting (eviction, replacement, shutdown, misbehaviour)."""
         if self._closing is None and not self.ws.closed:
             self._closing = asyncio.ensure_future(
-                self.ws.close(code=CLOSE_GOING_AWAY, message=reason.encode()[:120])
+                self.ws.close(code=code, message=reason.encode()[:120])
             )

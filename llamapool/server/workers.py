@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from llamapool import __version__, protocol
 from llamapool.config import ServeConfig
@@ -32,6 +32,7 @@ from llamapool.protocol import (
     StatusUpdate,
 )
 from llamapool.server.appkeys import CONFIG, LOG_THROTTLE, REGISTRY, SOCKETS, WORKER_KEYS
+from llamapool.server.inbox import InboxWebSocket
 from llamapool.server.keyfile import WorkerKey
 from llamapool.server.link import WorkerLink
 from llamapool.server.mcp_relays import serve_relay
@@ -57,7 +58,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     if len(sockets) >= cfg.max_workers:
         throttle.log(log.warning, "worker_rejected", reason="too_many_workers")
         raise web.HTTPServiceUnavailable(reason="too many workers are connected")
-    ws = web.WebSocketResponse(max_msg_size=cfg.max_body_size + _FRAME_SLACK)
+    ws = InboxWebSocket(max_msg_size=cfg.max_body_size + _FRAME_SLACK)
     await ws.prepare(request)
     sockets.add(ws)
     try:
@@ -96,7 +97,7 @@ async def _admit(
 
 
 async def _session(
-    app: web.Application, ws: web.WebSocketResponse, register: Register, key: WorkerKey
+    app: web.Application, ws: InboxWebSocket, register: Register, key: WorkerKey
 ) -> None:
     """A registered worker: in the pool until its socket closes, or its key is revoked."""
     features = sorted(set(register.features) & set(FEATURES))
@@ -191,23 +192,37 @@ async def _receive_register(
 
 
 async def _serve(
-    ws: web.WebSocketResponse,
+    ws: InboxWebSocket,
     worker: WorkerHandle,
     link: WorkerLink,
     registry: Registry,
     *,
     max_models: int,
 ) -> None:
-    async for msg in ws:
+    """Route the worker's messages until it leaves. They are handled as they are parsed (see
+    :mod:`.inbox`); this task takes the rest: close, ping, and what queued behind them."""
+
+    def handle(msg: WSMessage) -> None:
         worker.last_heartbeat = time.monotonic()  # any message proves the worker alive
         if msg.type == WSMsgType.BINARY:
             link.dispatch_frame(msg.data)
         elif msg.type == WSMsgType.TEXT:
             _on_text(msg.data, worker, link, registry, max_models=max_models)
-        if link.misbehaving:
-            log.warning("worker_disconnected_for_invalid_messages", worker_id=worker.id)
-            await ws.close(code=CLOSE_INVALID_MESSAGES, message=b"too many invalid messages")
-            break
+        if link.misbehaving:  # receive() returns once the close starts
+            ws.deliver_to(None)
+            link.close_soon("too many invalid messages", code=CLOSE_INVALID_MESSAGES)
+
+    ws.deliver_to(handle)
+    try:
+        while not ws.closed:
+            msg = await ws.receive()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                break
+            handle(msg)
+    finally:
+        ws.deliver_to(None)
+    if link.misbehaving:
+        log.warning("worker_disconnected_for_invalid_messages", worker_id=worker.id)
 
 
 def _on_text(
