@@ -19,6 +19,7 @@ import attrs
 from _deploy import STARTUP_TIMEOUT, Deployment, free_port, spawn, stop
 
 WORKERS_SCRIPT = str(Path(__file__).with_name("_relay_workers.py"))
+FLOOR_SCRIPT = str(Path(__file__).with_name("_floor_server.py"))
 
 
 @attrs.frozen
@@ -26,7 +27,7 @@ class Config:
     """One column of the report: which server, and how the simulated workers talk to it."""
 
     name: str
-    server: str  # "python" or "go"
+    server: str  # "python", "go" or "floor" (see _floor_server.py)
     protocol: str  # "v1" or "binary"
 
 
@@ -71,7 +72,7 @@ class Pool:
         return out
 
     async def worker_count(self, session: aiohttp.ClientSession) -> int:
-        if self.config.server == "python":
+        if self.config.server in ("python", "floor"):
             async with session.get(self.url + "/healthz") as resp:
                 return int((await resp.json())["workers"])
         async with session.get(self.url + "/api/v1/state", headers=self.headers) as resp:
@@ -157,6 +158,8 @@ async def running_server(
         # loopback only, and its keys are random.
         cmd = [go_server]
         env |= {"PORT": str(port), "METRICS_PORT": str(port)}
+    elif config.server == "floor":
+        cmd = [sys.executable, FLOOR_SCRIPT, str(port)]
     else:
         cmd = [sys.executable, "-m", "llamapool", "serve", "--host", "127.0.0.1"]
         cmd += ["--port", str(port), "--log-level", log_level]

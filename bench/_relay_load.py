@@ -307,3 +307,47 @@ def percentile(values: list[float], p: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+# --- the server's own pauses --------------------------------------------------------------------
+
+#: The Python server's pause histograms (server/pauses.py); the Go server has none.
+PAUSE_SERIES = {
+    "stall": "llamapool_event_loop_lag_seconds_bucket",
+    "gc": "llamapool_gc_pause_seconds_bucket",
+}
+#: A pause a streaming user would notice (the issue's bound).
+NOTICEABLE = 0.02
+
+
+async def pause_buckets(url: str) -> dict[str, dict[float, float]] | None:
+    """The cumulative bucket counts of each pause histogram (summed over its labels), now;
+    ``None`` for a server without them."""
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    found: dict[str, dict[float, float]] = {kind: {} for kind in PAUSE_SERIES}
+    for line in text.splitlines():
+        for kind, series in PAUSE_SERIES.items():
+            if line.startswith(series + "{"):
+                labels, _, value = line.rpartition(" ")
+                le = labels.rpartition('le="')[2].partition('"')[0]
+                bound = math.inf if le == "+Inf" else float(le)
+                found[kind][bound] = found[kind].get(bound, 0.0) + float(value)
+    return found if all(found.values()) else None
+
+
+def pauses_between(
+    before: dict[str, dict[float, float]] | None, after: dict[str, dict[float, float]] | None
+) -> dict[str, float | None]:
+    """For each kind: pauses over :data:`NOTICEABLE`, and the longest as its bucket's upper
+    bound in ms (``inf``: over the largest bucket)."""
+    if before is None or after is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for kind in PAUSE_SERIES:
+        delta = {b: after[kind][b] - before[kind].get(b, 0.0) for b in sorted(after[kind])}
+        total = delta[math.inf]
+        out[f"{kind}s_over_{NOTICEABLE * 1000:g}ms"] = total - delta.get(NOTICEABLE, 0.0)
+        longest = next((b for b, n in delta.items() if n == total), math.inf) if total else None
+        out[f"longest_{kind}_ms"] = None if longest is None else longest * 1000
+    return out

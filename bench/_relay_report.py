@@ -34,12 +34,20 @@ def busy(role: str) -> Getter:
     return get
 
 
+#: The server's own clock (server/pauses.py): a bucket's upper bound, so "at most".
+PAUSE_ROWS: list[tuple[str, Getter, int]] = [
+    ("server stalls over 20 ms", dig("pauses", "stalls_over_20ms"), 0),
+    ("longest server stall (ms, at most)", dig("pauses", "longest_stall_ms"), 0),
+    ("GC pauses over 20 ms", dig("pauses", "gcs_over_20ms"), 0),
+    ("longest GC pause (ms, at most)", dig("pauses", "longest_gc_ms"), 0),
+]
 STREAM_ROWS: list[tuple[str, Getter, int]] = [
     ("chunks relayed per second", dig("chunks_per_s"), 0),
     ("relay delay p50 (ms)", dig("delay", "p50_ms"), 1),
     ("relay delay p99 (ms)", dig("delay", "p99_ms"), 1),
     ("relay delay max (ms)", dig("delay", "max_ms"), 1),
     ("server CPU per chunk (us)", dig("server_cpu_us_per_chunk"), 1),
+    *PAUSE_ROWS,
     ("server busy (% of a core)", busy("server"), 0),
     ("sim. workers busy (%)", busy("workers"), 0),
     ("load generator busy (%)", busy("load generator"), 0),
@@ -55,6 +63,12 @@ BURST_ROWS: list[tuple[str, Getter, int]] = [
     ("relay delay p99, second after (ms)", dig("delay_burst_second", "p99_ms"), 1),
     ("relay delay max, second after (ms)", dig("delay_burst_second", "max_ms"), 1),
     ("relay delay p99, whole window (ms)", dig("delay", "p99_ms"), 1),
+    (
+        "longest server stall to the second after (ms, at most)",
+        dig("pauses_to_burst_end", "longest_stall_ms"),
+        0,
+    ),
+    *PAUSE_ROWS,
     ("chunks relayed per second", dig("chunks_per_s"), 0),
     ("server CPU per chunk (us)", dig("server_cpu_us_per_chunk"), 1),
 ]

@@ -16,6 +16,10 @@ server's memory. Scenarios (each on a freshly started server, the configurations
   server CPU per request, latency, idle memory per worker, and at concurrency 1 the time to
   first byte against the same answer served directly.
 
+With ``--floor``, a last column runs ``_floor_server.py``: the same relay with nothing but
+relaying, on the same stack (CPython, aiohttp, uvloop), to tell what llamapool's own work costs
+from what the stack costs.
+
     python bench/bench_relay.py --go-server /tmp/gobuild/llamapool-server
 """
 
@@ -34,7 +38,7 @@ from typing import Any
 
 import aiohttp
 from _relay_deploy import Config, Pool, running_server
-from _relay_load import Histogram, Streams, percentile, requests
+from _relay_load import Histogram, Streams, pause_buckets, pauses_between, percentile, requests
 from _relay_report import render
 from bench_pool import environment
 
@@ -102,15 +106,20 @@ async def streams_scenario(
     t_burst = t0 + args.duration / 2
     await sleep_until(t0)
     before = pool.sample()
+    paused_before = await pause_buckets(pool.url)
     received0 = load.received
     open_at_start = load.open_now
     peak_rss = before["rss_kib"]
     if burst:
         await pool.command(f"burst {t_burst:.6f}")
+    paused_at_burst: dict[str, dict[float, float]] | None = None
     while time.monotonic() < t1:
         await asyncio.sleep(min(0.5, max(0.0, t1 - time.monotonic())))
         peak_rss = max(peak_rss, pool.sample()["rss_kib"])
+        if burst and paused_at_burst is None and time.monotonic() >= t_burst + 1.0:
+            paused_at_burst = await pause_buckets(pool.url)  # the burst second, roughly
     after = pool.sample()
+    paused_after = await pause_buckets(pool.url)
     received1 = load.received
     await pool.command("end_all")
     done, _ = await asyncio.wait(tasks, timeout=args.timeout)
@@ -154,8 +163,10 @@ async def streams_scenario(
             else None
         ),
         "worker_counters": worker_counters,
+        "pauses": pauses_between(paused_before, paused_after),
     }
     if burst:
+        row["pauses_to_burst_end"] = pauses_between(paused_before, paused_at_burst)
         row["delay_before_burst"] = delays(load.window(before["at"], t_burst))
         row["delay_burst_second"] = delays(load.window(t_burst, t_burst + 1.0))
     return row
@@ -262,6 +273,8 @@ def configurations(args: argparse.Namespace) -> list[Config]:
         out.append(Config("python v1", "python", "v1"))
     if args.protocol in ("binary", "both"):
         out.append(Config("python binary", "python", "binary"))
+    if args.floor:
+        out.append(Config("floor binary", "floor", "binary"))
     return out
 
 
@@ -322,6 +335,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--go-server", metavar="PATH", help="the Go llamapool-server binary to compare with")
     add("--protocol", choices=("v1", "binary", "both"), default="both", help="Python server")
+    add(
+        "--floor",
+        action="store_true",
+        help="add the floor: the least a relay costs on this stack (_floor_server.py)",
+    )
     add("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     add("--streams", type=int, nargs="+", default=[1000], metavar="S", help="open streams")
     add("--rate", type=float, nargs="+", default=[20.0], metavar="R", help="chunks/s per stream")

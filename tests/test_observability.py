@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -268,6 +270,41 @@ async def test_histograms_have_buckets_sum_and_count(
     assert 3 == m.value("llamapool_request_duration_seconds_bucket", **labels, le="+Inf")
     assert 0 < m.value("llamapool_request_duration_seconds_sum", **labels)
     assert 3 == m.value("llamapool_time_to_first_byte_seconds_bucket", model="demo", le="+Inf")
+
+
+def hold_the_loop(seconds: float) -> None:
+    """Keep the thread busy for ``seconds`` of its own CPU time, as a long callback would (the
+    stall under test, not a wait; time the machine gives to others does not count)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def stalls_over(m: Metrics, seconds: str) -> float:
+    """Loop lag observations above the bucket ``le=seconds``."""
+    over = m.value("llamapool_event_loop_lag_seconds_count")
+    return over - m.value("llamapool_event_loop_lag_seconds_bucket", le=seconds)
+
+
+async def test_a_stalled_event_loop_and_a_full_collection_show_as_pauses(
+    pool_server: PoolServer,
+) -> None:
+    """Whatever holds the server's event loop for 100 ms (here the test itself, which shares the
+    loop) is a lag over 50 ms; a full garbage collection is one generation-2 pause."""
+    before = await scrape(pool_server.url)
+    hold_the_loop(0.1)
+    gc.collect()
+
+    after = await scrape_until(
+        pool_server.url,
+        lambda m: stalls_over(m, "0.05") > stalls_over(before, "0.05"),
+        what="the stall to be measured",
+    )
+
+    assert 1 <= after.value("llamapool_gc_pause_seconds_count", generation="2") - before.value(
+        "llamapool_gc_pause_seconds_count", generation="2"
+    )
+    assert 0 < after.value("llamapool_event_loop_lag_seconds_count")
 
 
 REJECTIONS = [

@@ -37,6 +37,7 @@ from llamapool.server.keys import KeyStore, watch_keys_file
 from llamapool.server.mcp_relays import expire_mcp_sessions
 from llamapool.server.mcp_sessions import McpEndpoints
 from llamapool.server.metrics import ServerMetrics
+from llamapool.server.pauses import watch_pauses
 from llamapool.server.pool import Pool
 from llamapool.server.registry import Registry
 from llamapool.server.routes import MODEL_ROUTES
@@ -221,6 +222,7 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app.cleanup_ctx.append(evict_silent_workers)
     app.cleanup_ctx.append(state_api.broadcast_state)
     app.cleanup_ctx.append(expire_mcp_sessions)
+    app.cleanup_ctx.append(watch_pauses)
     app.on_shutdown.append(state_api.release_watchers)
     app.on_shutdown.append(drain)
     return app

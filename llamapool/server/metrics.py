@@ -45,6 +45,9 @@ KEY_LIMITS = ("rpm", "tpm", "concurrency", "daily_tokens")
 #: Latency buckets from 5 ms to 10 min: LLM requests range from embeddings to long generations.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
+#: Pause buckets from 1 ms to 1 s: what a streaming user notices starts at a few tens of ms.
+_PAUSE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
+
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
 
@@ -177,6 +180,22 @@ class ServerMetrics:
             "Requests that crossed between servers: out (to a worker of another server) or "
             "in (from another server, for a worker here).",
             ["direction"],
+            registry=r,
+        )
+
+        # --- pauses of the whole server (see server/pauses.py) ------------------------------
+        self.event_loop_lag = Histogram(
+            "llamapool_event_loop_lag_seconds",
+            "How late a timer asked for every 10 ms runs: the event loop's stalls, during "
+            "which no request of this server moves.",
+            buckets=_PAUSE_BUCKETS,
+            registry=r,
+        )
+        self.gc_pause = Histogram(
+            "llamapool_gc_pause_seconds",
+            "Garbage collections of this server's process, per generation, start to end.",
+            ["generation"],
+            buckets=_PAUSE_BUCKETS,
             registry=r,
         )
 
