@@ -83,8 +83,19 @@ class Worker:
             answer.end()
 
 
-WORKERS = web.AppKey("workers", list[Worker])
-TURN = web.AppKey("turn", itertools.count)
+class Workers:
+    """The connected workers, taken in turn."""
+
+    def __init__(self) -> None:
+        self.connected: list[Worker] = []
+        self.turn = 0
+
+    def next(self) -> Worker:
+        self.turn += 1
+        return self.connected[self.turn % len(self.connected)]
+
+
+WORKERS = web.AppKey("workers", Workers)
 
 
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
@@ -96,7 +107,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         await ws.send_str(orjson.dumps(reply).decode())
     worker = Worker(ws)
     ws.deliver_to(worker.on_message)
-    workers = request.app[WORKERS]
+    workers = request.app[WORKERS].connected
     workers.append(worker)
     try:
         async for _ in ws:  # close, ping; data messages went to the worker
@@ -109,8 +120,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     stream = b'"stream":true' in body or b'"stream": true' in body
-    workers = request.app[WORKERS]
-    worker = workers[next(request.app[TURN]) % len(workers)]
+    worker = request.app[WORKERS].next()
     request_id = str(next(worker.ids))
     answer = worker.answers[request_id] = Answer(stream)
     message = {
@@ -143,14 +153,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"workers": len(request.app[WORKERS])})
+    return web.json_response({"workers": len(request.app[WORKERS].connected)})
 
 
 async def serve(port: int) -> None:
     """Serve until killed."""
     app = web.Application()
-    app[WORKERS] = []
-    app[TURN] = itertools.count()
+    app[WORKERS] = Workers()
     app.router.add_get("/workers/connect", worker_socket)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/chat/completions", chat)
