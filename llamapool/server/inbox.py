@@ -39,7 +39,11 @@ else:
     class _Queue(WebSocketDataQueue):  # type: ignore[no-redef]
         """aiohttp's message queue, which hands data messages to ``handler`` when it can."""
 
-        handler: Handler | None = None
+        __slots__ = ("handler",)
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.handler: Handler | None = None
 
         def feed_data(self, data: Any, size: int) -> None:
             handler = self.handler
