@@ -63,11 +63,7 @@ BURST_ROWS: list[tuple[str, Getter, int]] = [
     ("relay delay p99, second after (ms)", dig("delay_burst_second", "p99_ms"), 1),
     ("relay delay max, second after (ms)", dig("delay_burst_second", "max_ms"), 1),
     ("relay delay p99, whole window (ms)", dig("delay", "p99_ms"), 1),
-    (
-        "longest server stall to the second after (ms, at most)",
-        dig("pauses_to_burst_end", "longest_stall_ms"),
-        0,
-    ),
+    ("longest stall to the second after (ms)", dig("pauses_to_burst_end", "longest_stall_ms"), 0),
     *PAUSE_ROWS,
     ("chunks relayed per second", dig("chunks_per_s"), 0),
     ("server CPU per chunk (us)", dig("server_cpu_us_per_chunk"), 1),
