@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import attrs
 from _deploy import STARTUP_TIMEOUT, Deployment, free_port, spawn, stop
+from _relay_load import PauseScraper
 
 WORKERS_SCRIPT = str(Path(__file__).with_name("_relay_workers.py"))
 FLOOR_SCRIPT = str(Path(__file__).with_name("_floor_server.py"))
@@ -54,6 +55,14 @@ class Pool:
     logs: Path
     workers: asyncio.subprocess.Process | None = None
     direct_url: str = ""
+    _pauses: PauseScraper | None = None
+
+    @property
+    def pauses(self) -> PauseScraper:
+        """The server's pause histograms, over a connection of their own."""
+        if self._pauses is None:
+            self._pauses = PauseScraper(self.url)
+        return self._pauses
 
     @property
     def headers(self) -> dict[str, str]:
@@ -181,5 +190,7 @@ async def running_server(
         await pool.wait_workers(0)
         yield pool
     finally:
+        if pool._pauses is not None:
+            await pool._pauses.close()
         await pool.stop_workers()
         await stop(deployment)

@@ -9,6 +9,7 @@ the time the worker stamped into it just before sending it (both ``CLOCK_MONOTON
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
@@ -229,7 +230,7 @@ class StreamReader(asyncio.Protocol):
                 self.last = True
                 continue
             if not event.startswith(self.prefix):
-                return "event of another stream or malformed"
+                return _foreign(event)
             fields = orjson.loads(event[6:])
             if "chunks" in fields:
                 self.done_count = fields["chunks"]
@@ -246,6 +247,15 @@ class StreamReader(asyncio.Protocol):
         if self.done_count != self.seq:
             return f"done event says {self.done_count} chunks, {self.seq} arrived"
         return None
+
+
+def _foreign(event: bytes) -> str:
+    """Why an event is not the stream's own: an error the server reports in the stream (its
+    message, which names the cause) or, what must never happen, another's or garbage."""
+    if event.startswith(b'data: {"error"'):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return f"error event: {orjson.loads(event[6:])['error']['message'][:60]}"
+    return "event of another stream or malformed"
 
 
 @attrs.define
@@ -318,22 +328,41 @@ PAUSE_SERIES = {
 }
 #: A pause a streaming user would notice (the issue's bound).
 NOTICEABLE = 0.02
+#: Seconds a scrape may take (a server that cannot answer in time gets no pause figures).
+SCRAPE_TIMEOUT = 5.0
 
 
-async def pause_buckets(url: str) -> dict[str, dict[float, float]] | None:
-    """The cumulative bucket counts of each pause histogram (summed over its labels), now;
-    ``None`` for a server without them."""
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        text = await resp.text()
-    found: dict[str, dict[float, float]] = {kind: {} for kind in PAUSE_SERIES}
-    for line in text.splitlines():
-        for kind, series in PAUSE_SERIES.items():
-            if line.startswith(series + "{"):
-                labels, _, value = line.rpartition(" ")
-                le = labels.rpartition('le="')[2].partition('"')[0]
-                bound = math.inf if le == "+Inf" else float(le)
-                found[kind][bound] = found[kind].get(bound, 0.0) + float(value)
-    return found if all(found.values()) else None
+class PauseScraper:
+    """Reads the pause histograms over one kept-alive connection, opened while the server is
+    idle: under overload a new connection would wait behind every stream still opening."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=3600),
+            timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT),
+        )
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def buckets(self) -> dict[str, dict[float, float]] | None:
+        """The cumulative bucket counts of each pause histogram (summed over its labels),
+        now; ``None`` for a server without them, or one too busy to answer in time."""
+        try:
+            async with self.http.get(self.url + "/metrics") as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+        found: dict[str, dict[float, float]] = {kind: {} for kind in PAUSE_SERIES}
+        for line in text.splitlines():
+            for kind, series in PAUSE_SERIES.items():
+                if line.startswith(series + "{"):
+                    labels, _, value = line.rpartition(" ")
+                    le = labels.rpartition('le="')[2].partition('"')[0]
+                    bound = math.inf if le == "+Inf" else float(le)
+                    found[kind][bound] = found[kind].get(bound, 0.0) + float(value)
+        return found if all(found.values()) else None
 
 
 def pauses_between(

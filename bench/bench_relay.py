@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 from _relay_deploy import Config, Pool, running_server
-from _relay_load import Histogram, Streams, pause_buckets, pauses_between, percentile, requests
+from _relay_load import Histogram, Streams, pauses_between, percentile, requests
 from _relay_report import render
 from bench_pool import environment
 
@@ -92,6 +92,8 @@ async def streams_scenario(
     )
     await asyncio.sleep(1.0)
     with_workers = pool.sample()
+    pauses = pool.pauses
+    await pauses.buckets()  # its connection opens now, while the server is idle
     host, _, port = pool.url.removeprefix("http://").partition(":")
     load = Streams(host, int(port), pool.headers, timeout=args.timeout)
     gate = asyncio.Semaphore(args.open_parallel)
@@ -102,11 +104,11 @@ async def streams_scenario(
         await asyncio.sleep(0.05)  # many tasks; one counter to watch
     opened_in = time.monotonic() - opening
     t0 = time.monotonic() + args.warmup
-    t1 = t0 + args.duration
     t_burst = t0 + args.duration / 2
     await sleep_until(t0)
+    paused_before = await pauses.buckets()
     before = pool.sample()
-    paused_before = await pause_buckets(pool.url)
+    t1 = before["at"] + args.duration  # however long the scrape took
     received0 = load.received
     open_at_start = load.open_now
     peak_rss = before["rss_kib"]
@@ -117,9 +119,9 @@ async def streams_scenario(
         await asyncio.sleep(min(0.5, max(0.0, t1 - time.monotonic())))
         peak_rss = max(peak_rss, pool.sample()["rss_kib"])
         if burst and paused_at_burst is None and time.monotonic() >= t_burst + 1.0:
-            paused_at_burst = await pause_buckets(pool.url)  # the burst second, roughly
+            paused_at_burst = await pauses.buckets()  # the burst second, roughly
     after = pool.sample()
-    paused_after = await pause_buckets(pool.url)
+    paused_after = await pauses.buckets()
     received1 = load.received
     await pool.command("end_all")
     done, _ = await asyncio.wait(tasks, timeout=args.timeout)
@@ -294,16 +296,18 @@ async def bench(args: argparse.Namespace, logs: Path) -> list[dict[str, Any]]:
     if "requests" in args.scenarios:
         plan += [("requests", {"workers": w}) for w in args.request_workers]
     most_streams = max(args.streams) + args.burst_end
-    for scenario, params in plan:
+    for run, (scenario, params) in enumerate(plan):
         for config in configurations(args):
             started = time.monotonic()
+            here = logs / f"{run + 1}-{scenario}-{config.name.replace(' ', '-')}"
+            here.mkdir(exist_ok=True)
             async with running_server(
                 config,
                 go_server=args.go_server,
                 max_connections=most_streams + 1024,
                 max_workers=max(args.workers, *args.request_workers) + 64,
                 log_level=args.server_log_level,
-                logs=logs,
+                logs=here,
             ) as pool:
                 if scenario == "requests":
                     row = await requests_scenario(pool, args, params["workers"])
@@ -363,6 +367,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("debug", "info", "warning", "error"),
         help="the Python server's --log-level (the Go server logs at info)",
     )
+    add(
+        "--logs",
+        metavar="DIR",
+        help="keep the processes' logs in DIR, a folder per run (default: a temporary one)",
+    )
     add("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if len(args.rate) == 1:
@@ -386,11 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_relay: only {nofile} open files allowed, {needed} wanted", file=sys.stderr)
     parameters = {k: v for k, v in vars(args).items() if k != "json"}
     with tempfile.TemporaryDirectory(prefix="llamapool-bench-relay-") as tmp:
+        logs = Path(args.logs) if args.logs else Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         try:
-            results = asyncio.run(bench(args, Path(tmp)))
+            results = asyncio.run(bench(args, logs))
         except (RuntimeError, OSError) as exc:
             print(f"bench_relay: {exc}", file=sys.stderr)
-            for log in sorted(Path(tmp).glob("*.log")):
+            for log in sorted(logs.glob("*/*.log")):
                 print(f"--- {log.name}\n{log.read_text()[-2000:]}", file=sys.stderr)
             return 1
     report: dict[str, Any] = {
