@@ -380,3 +380,31 @@ def pauses_between(
         longest = next((b for b, n in delta.items() if n == total), math.inf) if total else None
         out[f"longest_{kind}_ms"] = None if longest is None else longest * 1000
     return out
+
+
+class LoopLag:
+    """This process's own stalls: how late a 10 ms timer runs, per tenth of a second of
+    receipt time, so that a window can tell a delay the client caused from one it measured."""
+
+    TICK = 0.01
+
+    def __init__(self) -> None:
+        self.worst: dict[int, float] = {}  # SLICE index -> the latest lateness in it
+        self._due = time.monotonic() + self.TICK
+        self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        late, key = now - self._due, int(now / SLICE)
+        if late > self.worst.get(key, 0.0):
+            self.worst[key] = late
+        self._due = now + self.TICK
+        self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
+
+    def longest(self, start: float, end: float) -> float:
+        """The longest stall seen between ``start`` and ``end``, in ms."""
+        keys = range(int(start / SLICE), int(end / SLICE) + 1)
+        return round(max((self.worst.get(k, 0.0) for k in keys), default=0.0) * 1000, 1)
+
+    def stop(self) -> None:
+        self._timer.cancel()

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 from _relay_deploy import Config, Pool, running_server
-from _relay_load import Histogram, Streams, pauses_between, percentile, requests
+from _relay_load import Histogram, LoopLag, Streams, pauses_between, percentile, requests
 from _relay_report import render
 from bench_pool import environment
 
@@ -94,6 +94,7 @@ async def streams_scenario(
     with_workers = pool.sample()
     pauses = pool.pauses
     await pauses.buckets()  # its connection opens now, while the server is idle
+    own_lag = LoopLag()
     host, _, port = pool.url.removeprefix("http://").partition(":")
     load = Streams(host, int(port), pool.headers, timeout=args.timeout)
     gate = asyncio.Semaphore(args.open_parallel)
@@ -166,8 +167,11 @@ async def streams_scenario(
         ),
         "worker_counters": worker_counters,
         "pauses": pauses_between(paused_before, paused_after),
+        "load_generator_stall_ms": own_lag.longest(before["at"], after["at"]),
     }
+    own_lag.stop()
     if burst:
+        row["load_generator_stall_burst_ms"] = own_lag.longest(t_burst, t_burst + 1.0)
         row["pauses_to_burst_end"] = pauses_between(paused_before, paused_at_burst)
         row["delay_before_burst"] = delays(load.window(before["at"], t_burst))
         row["delay_burst_second"] = delays(load.window(t_burst, t_burst + 1.0))

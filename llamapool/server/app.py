@@ -19,6 +19,7 @@ from llamapool.server import mcp_http, middleware, ollama, openai, openapi, rela
 from llamapool.server.affinity import ResponseAffinity
 from llamapool.server.appkeys import (
     CONFIG,
+    ENDS,
     KEYS,
     LOG_THROTTLE,
     MCP,
@@ -32,6 +33,7 @@ from llamapool.server.appkeys import (
 from llamapool.server.cluster.endpoint import CLUSTER, relay_for_peer
 from llamapool.server.cluster.membership import Cluster
 from llamapool.server.cluster.peer import RELAY_PATH
+from llamapool.server.ends import Ends
 from llamapool.server.http_errors import json_response
 from llamapool.server.keys import KeyStore, watch_keys_file
 from llamapool.server.mcp_relays import expire_mcp_sessions
@@ -132,6 +134,7 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     )
     app[CONFIG] = cfg
     app[POOL] = pool = pool if pool is not None else Pool()
+    app[ENDS] = Ends()
     build = build_info()
     app[STATE] = state = PoolState(
         pool,

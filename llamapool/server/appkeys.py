@@ -6,6 +6,7 @@ from aiohttp import web
 
 from llamapool.config import ServeConfig
 from llamapool.log import Throttle
+from llamapool.server.ends import Ends
 from llamapool.server.keys import KeyStore
 from llamapool.server.mcp_sessions import McpEndpoints
 from llamapool.server.pool import Pool
@@ -27,5 +28,7 @@ WORKER_KEYS = web.AppKey("worker_keys", WorkerKeyStore)
 #: One log line per kind of refusal and interval for what anyone can cause at will (a flood
 #: of worker connections with a wrong key).
 LOG_THROTTLE = web.AppKey("log_throttle", Throttle)
+#: The gate every request passes before it ends (a bounded number per turn of the loop).
+ENDS = web.AppKey("ends", Ends)
 #: MCP endpoints, their relays and sessions (see :mod:`llamapool.server.mcp_sessions`).
 MCP = web.AppKey("mcp", McpEndpoints)

@@ -21,6 +21,7 @@ from aiohttp.http_writer import StreamWriter
 from llamapool.headers import RECOMPUTED, allowed_response_headers, forwardable
 from llamapool.protocol import ResponseHeaders
 from llamapool.server.affinity import ResponseIdScanner
+from llamapool.server.appkeys import ENDS
 from llamapool.server.exchange import Broken, Ended, Event, Exchange
 from llamapool.server.http_errors import error_response, flavor_for
 from llamapool.server.pool import Link
@@ -92,6 +93,7 @@ async def stream_back(
         else web.StreamResponse(status=first.status, headers=headers)
     )
     body = _Body(exchange, link, window, UsageScanner() if usage else None, response_id)
+    ends = request.app[ENDS]
     loop = asyncio.get_running_loop()
     # A write waits while the client's socket is full: REQUEST_TIMEOUT must bound that too.
     stalled = loop.call_at(deadlines.end + STALL_GRACE, _cut_off, request)
@@ -113,11 +115,15 @@ async def stream_back(
                 event = Broken(deadlines.why())
             heard = loop.time()
             if not isinstance(event, (bytes, memoryview)):
+                if not ends.admit():
+                    await ends.wait()
                 break
             chunks = [event, *exchange.queued_chunks()]
             end = exchange.clean_end()
             if end is not None:  # the rest of the answer is here: body and end in one write
                 event = end
+                if not ends.admit():
+                    await ends.wait()
                 await body.write(response, chunks, last=True)
                 break
             await body.write(response, chunks)
