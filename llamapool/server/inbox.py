@@ -20,10 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from aiohttp import WSMessage, WSMsgType, web
-
-log = structlog.get_logger("llamapool.server")
 
 Handler = Callable[[WSMessage], None]
 
