@@ -27,8 +27,7 @@ class TurnCounter:
 
 async def end(ends: Ends, name: str, passed: list[tuple[int, str]], turns: TurnCounter) -> None:
     """What a request does before it ends."""
-    if not ends.admit():
-        await ends.wait()
+    await ends.turn()
     passed.append((turns.turn, name))
 
 

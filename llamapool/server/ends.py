@@ -23,7 +23,7 @@ PER_TURN = 16
 
 
 class Ends:
-    """The gate each request passes before it ends: ``if not ends.admit(): await ends.wait()``."""
+    """The gate each request passes before it ends: ``await ends.turn()``."""
 
     def __init__(self, per_turn: int = PER_TURN) -> None:
         self.per_turn = per_turn
@@ -36,6 +36,11 @@ class Ends:
     def waiting(self) -> int:
         """Endings waiting for a later turn."""
         return len(self._waiting)
+
+    async def turn(self) -> None:
+        """Return once this ending may go: at once, unless this turn had its share."""
+        if not self.admit():
+            await self.wait()
 
     def admit(self) -> bool:
         """Let this ending through now, unless this turn had its share (or others wait)."""

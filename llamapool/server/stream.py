@@ -115,15 +115,13 @@ async def stream_back(
                 event = Broken(deadlines.why())
             heard = loop.time()
             if not isinstance(event, (bytes, memoryview)):
-                if not ends.admit():
-                    await ends.wait()
+                await ends.turn()
                 break
             chunks = [event, *exchange.queued_chunks()]
             end = exchange.clean_end()
             if end is not None:  # the rest of the answer is here: body and end in one write
                 event = end
-                if not ends.admit():
-                    await ends.wait()
+                await ends.turn()
                 await body.write(response, chunks, last=True)
                 break
             await body.write(response, chunks)
