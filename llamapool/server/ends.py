@@ -1,9 +1,9 @@
 """Request endings, a bounded number per turn of the event loop.
 
 Ending a request costs more than anything else in its life after its start: the end of its
-response, its accounting, its log lines and aiohttp's own teardown, together about a tenth of a
-millisecond. The chunks of the streams that go on cost a fraction of that, and they are relayed
-between turns of the loop, by the worker sockets' readers. When a thousand streams end within
+response, its accounting, its log lines and aiohttp's own teardown, several times what a relayed
+chunk costs. The chunks of the streams that go on are relayed between turns of the loop, by the
+worker sockets' readers. When a thousand streams end within
 50 ms, their handlers all wake within a few turns: a turn that ends hundreds of them holds up
 every chunk of every other stream for tens of milliseconds.
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-#: Requests that end in one turn of the event loop (about 2 ms of work) before the next wait.
+#: Requests that end in one turn of the event loop before the next ones wait (a millisecond or
+#: two of work; ``bench_relay.py --scenarios burst`` measured the bound's effect).
 PER_TURN = 16
 
 

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from llamapool.server.appkeys import STATE
 
-#: Seconds between two lag measurements (100 timers a second cost about 0.1 ms of CPU).
+#: Seconds between two lag measurements (each costs a few µs: under 0.5 ms of CPU a second).
 TICK = 0.01
 
 
