@@ -1,11 +1,11 @@
 """Request endings, a bounded number per turn of the event loop.
 
 Ending a request costs more than anything else in its life after its start: the end of its
-response, its accounting, its log lines and aiohttp's own teardown, several times what a relayed
-chunk costs. The chunks of the streams that go on are relayed between turns of the loop, by the
-worker sockets' readers. When a thousand streams end within
-50 ms, their handlers all wake within a few turns: a turn that ends hundreds of them holds up
-every chunk of every other stream for tens of milliseconds.
+response, its accounting, its log lines and aiohttp's own teardown, several times what a
+relayed chunk costs. The chunks of the streams that go on are relayed between turns of the
+loop, by the worker sockets' readers. When a thousand streams end within 50 ms, their handlers
+all wake within a few turns: a turn that ends hundreds of them holds up every chunk of every
+other stream for tens of milliseconds.
 
 So at most :data:`PER_TURN` requests end in one turn; the next ones wait for the following
 turns, in order. A stream that ends has its last chunks already (they went out as they came),
