@@ -11,8 +11,9 @@ binary messages straight from the parser instead; close, ping and pong still go 
 Order is kept: a message is handled directly only while nothing is queued ahead of it, and the
 receiving task hands messages to the same handler.
 
-This relies on aiohttp's private parser and queue (3.13 and later, Cython or pure Python); with
-any other layout the socket is an ordinary one and every message goes through ``receive()``.
+This relies on aiohttp's private parser and queue as aiohttp 3.14 lays them out (Cython or pure
+Python); with any other layout the socket is an ordinary one and every message goes through
+``receive()``.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class InboxWebSocket(web.WebSocketResponse):
     """A server-side WebSocket that can hand its data messages to a handler as they arrive."""
 
     def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
-        """aiohttp's own (3.13, 3.14), with the message queue swapped for one that can hand
-        messages over."""
+        """aiohttp 3.14's own, with the message queue swapped for one that can hand messages
+        over (another version's layout: aiohttp's own, unchanged)."""
         needed = ("_decode_text", "_max_msg_size", "_compress", "_reset_heartbeat", "_parser")
         if _Queue is None or not all(hasattr(self, name) for name in needed):
             super()._post_start(request, protocol, writer)
