@@ -76,7 +76,8 @@ class WorkerLink:
         """A new request on this link, under the next wire id."""
         self._issued += 1
         request_id = str(self._issued)
-        # A flow-controlled worker overshoots its window by at most one chunk.
+        # A llamapool worker stays within its window; the limit leaves room for a peer that
+        # overshoots it by a chunk (one backend read, sent whole).
         limit = 2 * FLOW_WINDOW + 1024 * 1024 if self.flow else UNCONTROLLED_BUFFER
         exchange = self.exchanges[request_id] = Exchange(
             request_id, limit=limit, on_overflow=self._overflowed

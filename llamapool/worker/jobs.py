@@ -63,14 +63,24 @@ class Job:
         self.credit += amount
         self._more.set()
 
-    async def spend(self, amount: int) -> None:
-        """Wait until there is credit, then take ``amount`` (a chunk may overshoot it)."""
+    async def send(self, outbox: Outbox, chunk: bytes) -> None:
+        """Send ``chunk``, never past the credit: what does not fit waits for more.
+
+        One backend read can be far bigger than the credit left (a fast backend fills the
+        reader's buffer, hundreds of KiB, while the job waits), so a chunk that does not fit
+        leaves in parts; the server then holds at most the window for a client that stalls.
+        """
+        rid = self.request.request_id
         if not self.request.window:
+            await outbox.send_chunk(rid, chunk)
             return
-        while self.credit <= 0:
-            self._more.clear()
-            await self._more.wait()
-        self.credit -= amount
+        while chunk:
+            while self.credit <= 0:
+                self._more.clear()
+                await self._more.wait()
+            part, chunk = chunk[: self.credit], chunk[self.credit :]
+            self.credit -= len(part)
+            await outbox.send_chunk(rid, part)
 
 
 class Jobs:
@@ -167,8 +177,7 @@ class Jobs:
                     ResponseHeaders(rid, status, forwardable(r.headers.items(), RECOMPUTED))
                 )
                 async for chunk in r.content.iter_any():
-                    await job.spend(len(chunk))
-                    await outbox.send_chunk(rid, chunk)
+                    await job.send(outbox, chunk)
         except (aiohttp.ClientError, TimeoutError, BackendError) as exc:
             message = str(exc) or type(exc).__name__
             log.warning("backend_request_failed", path=request.path, error=message)
@@ -225,12 +234,10 @@ class Jobs:
                 async for chunk in r.content.iter_any():
                     lines = reply.feed(chunk)
                     if lines:
-                        await job.spend(len(lines))
-                        await outbox.send_chunk(rid, lines)
+                        await job.send(outbox, lines)
                 lines = reply.finish()
                 if lines:
-                    await job.spend(len(lines))
-                    await outbox.send_chunk(rid, lines)
+                    await job.send(outbox, lines)
         except (aiohttp.ClientError, TimeoutError, BackendError, translate.BadAnswer) as exc:
             message = str(exc) or type(exc).__name__
             log.warning("backend_request_failed", path=plan.upstream, error=message)
