@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -112,6 +114,22 @@ def test_auto_format_is_json_when_stderr_is_not_a_terminal(
     assert [("server_listening", 8080)] == [
         (e["event"], e["port"]) for e in events(capsys.readouterr().err)
     ]
+
+
+def test_a_line_is_stamped_with_the_utc_time_to_the_microsecond(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``timestamp`` is ISO 8601 in UTC with six digits of microseconds, between the times
+    taken just before and just after the line."""
+    configure_logging("info", fmt="json")
+
+    before = datetime.datetime.now(datetime.timezone.utc)
+    log.info("stamped")
+    after = datetime.datetime.now(datetime.timezone.utc)
+
+    (stamp,) = [e["timestamp"] for e in events(capsys.readouterr().err)]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    assert before <= datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= after
 
 
 def test_level_filters_events(capsys: pytest.CaptureFixture[str]) -> None:
