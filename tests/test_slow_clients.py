@@ -165,7 +165,10 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
 async def test_at_the_cap_the_oldest_slow_connections_make_room_for_a_normal_client() -> None:
     """With MAX_CONNECTIONS=50 and 60 slowloris connections, the 11 oldest are closed (10 for
     the slowloris newcomers, 1 for the normal client), the normal client gets 200 quickly, and
-    the 49 newest are still open: they get their answer when they finish their headers."""
+    the 49 newest are still open: they get their answer when they finish their headers.
+
+    "Quickly" is well under HEADER_TIMEOUT (30 s), which a client stuck behind the slowloris
+    connections would wait; 5 s leaves a slow CI machine its stalls."""
     async with serving(max_connections=50, header_timeout=30) as server:
         slow = [await RawClient.connect(server) for _ in range(60)]
         status, elapsed = await timed_healthz(server)
@@ -177,7 +180,7 @@ async def test_at_the_cap_the_oldest_slow_connections_make_room_for_a_normal_cli
             client.close()
 
     assert 200 == status
-    assert elapsed < 1.0, elapsed
+    assert elapsed < 5.0, elapsed
     assert [True] * 11 == shed
     assert [200] * 49 == [answer[0] for answer in answers]
 
