@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
@@ -40,19 +41,50 @@ settings.register_profile(
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+T = TypeVar("T")
+
 API_KEY = "test-api-key"
 WORKER_KEY = "test-worker-key"
 
 
 async def wait_for(
-    condition: Callable[[], bool], *, timeout: float = 5.0, what: str = "condition"
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 5.0,
+    what: str = "condition",
+    last: object = None,
 ) -> None:
-    """Poll ``condition`` until it holds; fail the test with ``what`` if it never does."""
+    """Poll ``condition`` (a check, or an async one that asks a server) until it holds; fail
+    the test with ``what``, and ``last`` (what the check saw, which it may fill) if given."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not await _holds(condition):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            seen = "" if last is None else f"; last: {last}"
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{seen}")
         await asyncio.sleep(0.01)
+
+
+async def until(
+    fetch: Callable[[], Awaitable[T]],
+    condition: Callable[[T], bool],
+    *,
+    timeout: float = 5.0,
+    what: str = "condition",
+) -> T:
+    """Fetch (a state document, a scrape) until ``condition`` holds of what came; return it."""
+    fetched: list[T] = []
+
+    async def holds() -> bool:
+        fetched[:] = [await fetch()]
+        return condition(fetched[0])
+
+    await wait_for(holds, timeout=timeout, what=what)
+    return fetched[0]
+
+
+async def _holds(condition: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = condition()
+    return await result if inspect.isawaitable(result) else result
 
 
 def url_of(server: TestServer) -> str:

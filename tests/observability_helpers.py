@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamapool.plugin_api import BackendSettings
 from llamapool_ollama import OllamaBackend
 
-from .conftest import PoolServer
+from .conftest import PoolServer, until
 
 MODEL = "llama3:8b"
 #: Seconds a polling helper waits for its condition before it fails the test.
@@ -133,15 +133,7 @@ async def state_until(
     timeout: float = WAIT,
 ) -> dict[str, Any]:
     """``GET /api/v1/state`` until ``condition`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        state = await get_state(server)
-        if condition(state):
-            return state
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    return await until(lambda: get_state(server), condition, what=what, timeout=timeout)
 
 
 async def settled(server: PoolServer) -> dict[str, Any]:
@@ -195,15 +187,7 @@ async def scrape_until(
     url: str, condition: Callable[[Metrics], bool], *, what: str, timeout: float = WAIT
 ) -> Metrics:
     """Scrape until ``condition`` holds (what happened after a response may lag it a little)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        metrics = await scrape(url)
-        if condition(metrics):
-            return metrics
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    return await until(lambda: scrape(url), condition, what=what, timeout=timeout)
 
 
 # --- usage as a client reads it -------------------------------------------------------------

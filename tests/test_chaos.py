@@ -26,7 +26,7 @@ from aiohttp.typedefs import Handler
 from llamapool.testing import create_fake_ollama_app, serve_app
 
 from .cli_helpers import CliProcess, cli_env, cli_process
-from .conftest import API_KEY, WORKER_KEY, wait_for
+from .conftest import API_KEY, WORKER_KEY, until, wait_for
 from .resilience_helpers import MODEL, Answer, chat, echo_of, free_port
 from .tcp_proxy import TcpProxy
 
@@ -145,11 +145,7 @@ class Pool:
         return sorted(w["id"] for w in state["workers"] if w["status"] != "gone")
 
     async def until(self, check: Callable[[list[str]], bool], what: str) -> None:
-        deadline = time.monotonic() + STEP
-        while not check(await self.connected()):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.05)
+        await until(self.connected, check, what=what, timeout=STEP)
 
     async def whole(self) -> None:
         ids = sorted(self.workers)

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -34,6 +34,7 @@ from llamapool.testing import create_fake_ollama_app, serve_app
 
 from . import redis_helpers
 from .cli_helpers import API_KEY, WORKER_KEY, CliProcess, cli_env, cli_process, ws_url
+from .conftest import wait_for
 from .redis_helpers import RedisServer
 from .resilience_helpers import MODEL, echo_of, free_port
 
@@ -191,7 +192,9 @@ class Cluster:
                     return False
             return True
 
-        await until(whole, what=f"every server to list {wanted} among {ids}", last=last)
+        await wait_for(
+            whole, what=f"every server to list {wanted} among {ids}", last=last, timeout=SETTLE
+        )
         self.placement = dict(placement)
 
     def client(self, server: Server) -> openai.AsyncOpenAI:
@@ -216,27 +219,6 @@ async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
 def listed(state: dict[str, Any]) -> list[tuple[str, str]]:
     """The state document's workers as ``(id, server)``, sorted: a worker listed twice shows."""
     return sorted((w["id"], w["server"]) for w in state["workers"])
-
-
-async def until(
-    condition: Callable[[], bool | Awaitable[bool]],
-    *,
-    what: str,
-    timeout: float = SETTLE,
-    last: object = None,
-) -> None:
-    """Poll ``condition`` (maybe async) until it holds; fail naming ``what`` (and the
-    ``last`` thing seen) if it does not within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        held = condition()
-        if not isinstance(held, bool):
-            held = await held
-        if held:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last}")
-        await asyncio.sleep(0.05)
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -515,7 +497,9 @@ async def test_a_killed_server_leaves_the_rest_serving(cluster: Cluster) -> None
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in streaming.values())), SETTLE)
     w1, w2 = await cluster.start_workers([s1, s2], backend_url=backend, MAX_CONCURRENCY="2")
     load = Load(cluster, [s0, s1, s2], lanes=3)
-    await until(lambda: load.answered(s0, s1, s2), what="answers through every server")
+    await wait_for(
+        lambda: load.answered(s0, s1, s2), what="answers through every server", timeout=SETTLE
+    )
 
     killed_at = time.monotonic()
     load.halt(s0)
@@ -534,7 +518,7 @@ async def test_a_killed_server_leaves_the_rest_serving(cluster: Cluster) -> None
                 return False
         return True
 
-    await until(moved_and_listed_once, what=f"the survivors to list {moved}")
+    await wait_for(moved_and_listed_once, what=f"the survivors to list {moved}", timeout=SETTLE)
     later = await batch(cluster, [s1, s2], 12)
     outcomes = await load.stop()  # a request that hung, or failed uncleanly, fails it here
     cut_s0, cut_s1 = await long_s0, await long_s1
@@ -564,7 +548,9 @@ async def test_without_redis_each_server_serves_its_own_workers(
     servers = await cluster.start_servers(3)
     workers = await cluster.start_workers(servers, backend_url=backend, MAX_CONCURRENCY="2")
     load = Load(cluster, servers, lanes=3)
-    await until(lambda: load.answered(*servers), what="answers through every server")
+    await wait_for(
+        lambda: load.answered(*servers), what="answers through every server", timeout=SETTLE
+    )
 
     await redis_server.stop()
 
@@ -577,7 +563,7 @@ async def test_without_redis_each_server_serves_its_own_workers(
                 return False
         return True
 
-    await until(alone, what="every server to serve alone")
+    await wait_for(alone, what="every server to serve alone", timeout=SETTLE)
     alone_batch = await batch(cluster, servers, 12)
 
     await redis_server.start()
@@ -598,7 +584,7 @@ async def test_without_redis_each_server_serves_its_own_workers(
     # Six streams through one server run at once on the six slots of the three workers:
     # that server counts no request of the outage on any of them.
     for server in servers:
-        await until(idle, what="every server to count nothing in flight")
+        await wait_for(idle, what="every server to count nothing in flight", timeout=SETTLE)
         runtime.peak = 0
         assert [] == failures(await batch(cluster, [server], 6, stream=True, tokens=30))
         assert 6 == runtime.peak, server.id
@@ -694,7 +680,12 @@ async def test_processes_share_one_port_and_one_pool(cluster: Cluster) -> None:
             for view in views.values()
         )
 
-    await until(both_list_both_and_the_worker, what="both processes to list it all", last=views)
+    await wait_for(
+        both_list_both_and_the_worker,
+        what="both processes to list it all",
+        last=views,
+        timeout=SETTLE,
+    )
     [owner] = {w["server"] for view in views.values() for w in view["workers"]}
     assert owner in views
 
@@ -716,7 +707,7 @@ async def test_processes_share_one_port_and_one_pool(cluster: Cluster) -> None:
     stopped = [e["process"] for e in supervisor.events if e.get("event") == "server_stopped"]
     assert [0, 1] == sorted(stopped)  # each drained and stopped (a crash logs no such line)
     assert len(children) >= 2
-    await until(
+    await wait_for(
         lambda: not any(alive(pid) for pid in children),
         what=f"the processes {children} to exit",
         timeout=5,
@@ -747,7 +738,7 @@ async def test_processes_stop_when_their_supervisor_is_killed(cluster: Cluster) 
                 os.kill(pid, signal.SIGKILL)
 
     await supervisor.kill()
-    await until(
+    await wait_for(
         lambda: not any(alive(pid) for pid in children),
         what=f"the processes {children} to stop on their own",
         timeout=SETTLE,

@@ -67,17 +67,6 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Poll an async ``check`` until it holds; fail with ``what`` if it never does."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def model_ids(server: PoolServer) -> list[str]:
     async with (
         aiohttp.ClientSession() as http,
@@ -515,7 +504,7 @@ async def test_silent_go_worker_is_evicted_and_a_heartbeating_one_stays(
         async def silent_gone() -> bool:
             return "silent:1b" not in await model_ids(server)
 
-        await eventually(silent_gone, timeout=10, what="the silent worker's eviction")
+        await wait_for(silent_gone, timeout=10, what="the silent worker's eviction")
         assert ["beating:1b"] == await model_ids(server)
     finally:
         beat.cancel()
