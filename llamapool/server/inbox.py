@@ -12,8 +12,9 @@ Order is kept: a message is handled directly only while nothing is queued ahead 
 receiving task hands messages to the same handler.
 
 This relies on aiohttp's private parser and queue as aiohttp 3.14 lays them out (Cython or pure
-Python); with any other layout the socket is an ordinary one and every message goes through
-``receive()``.
+Python). Any other release series, older or newer, gets an ordinary socket, every message
+through ``receive()``, until its layout is checked and added to :data:`CHECKED_SERIES`: a
+private method copied from one series must not run on another that changed it.
 """
 
 from __future__ import annotations
@@ -21,16 +22,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import WSMessage, WSMsgType, web
 
 Handler = Callable[[WSMessage], None]
 
 _DIRECT = (WSMsgType.TEXT, WSMsgType.BINARY)
 
+#: The aiohttp release series whose private WebSocket layout :meth:`InboxWebSocket._post_start`
+#: copies (checked with 3.14.5, its C parser and its pure Python one).
+CHECKED_SERIES = frozenset({"3.14"})
+#: Whether the installed aiohttp is one of them: data messages can skip the queue.
+SUPPORTED = ".".join(aiohttp.__version__.split(".")[:2]) in CHECKED_SERIES
+
 try:
+    if not SUPPORTED:
+        raise ImportError(f"aiohttp {aiohttp.__version__} is not a checked series")
     from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
     from aiohttp.helpers import DEFAULT_CHUNK_SIZE
-except ImportError:  # pragma: no cover - another aiohttp layout: no direct handling
+except ImportError:  # pragma: no cover - another aiohttp: no direct handling
     _Queue: Any = None
 else:
 
