@@ -196,6 +196,52 @@ async def test_streams_are_relayed_chunk_by_chunk(
     assert last_arrival - first_arrival > 5 * DELAY
 
 
+async def test_a_client_that_keeps_up_gets_its_chunks_straight_from_the_worker_socket(
+    start_server: StartServer,
+) -> None:
+    """Past the first chunk, written by the request's handler with the headers, the chunks of a
+    client that keeps up are written by the worker socket's reader the moment each arrives:
+    nothing queues for the handler, which wakes again only for the end."""
+    server = await start_server()
+    register = Register(
+        worker_id="raw", worker_key=WORKER_KEY, models=["m"], protocol=PROTOCOL_VERSION
+    )
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as ws:
+        await ws.send_str(encode(register))
+        await wait_for(lambda: server.pool.get("raw") is not None, what="the worker")
+        worker = server.pool.get("raw")
+        assert worker is not None
+        assert isinstance(worker.link, WorkerLink)
+        link = worker.link
+        posting = asyncio.ensure_future(
+            http.post(
+                server.url + "/v1/chat/completions",
+                json=chat("hi", stream=True, model="m"),
+                headers=server.auth,
+            )
+        )
+        request = None
+        while not isinstance(request, ProxyRequest):  # past the server's own messages
+            request = decode((await ws.receive(timeout=5)).data)
+        rid = request.request_id
+        exchange = link.exchanges[rid]
+        sse = {"Content-Type": "text/event-stream"}
+        await ws.send_str(encode(ResponseHeaders(rid, 200, sse)))
+        events = []
+        async with await posting as resp:
+            for n in (1, 2, 3):
+                await ws.send_str(encode(ResponseChunk(rid, b"data: %d\n\n" % n)))
+                events.append(await resp.content.readuntil(b"\n\n"))
+                if n == 1:
+                    await wait_for(lambda: exchange.sink is not None, what="the straight path")
+            straight = (exchange.last_sunk > 0, exchange.pending)
+            await ws.send_str(encode(ResponseEnd(rid)))
+            rest = await resp.read()
+
+    assert [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n", b""] == [*events, rest]
+    assert (True, False) == straight
+
+
 def text_of(path: str, lines: list[bytes]) -> str:
     """The answer text spread over a stream's SSE events or NDJSON lines."""
     parts = []

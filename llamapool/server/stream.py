@@ -214,14 +214,17 @@ class _Body:
         """Let the next chunks go straight to the client's socket while it keeps up.
 
         The headers have left with the first chunk by now. Only a plain body qualifies: no
-        compression (the pool never compresses; this is a guard).
+        compression (the pool never compresses; this is a guard). The writer is aiohttp's
+        private one (its byte count feeds the access log); an aiohttp without it, or without
+        its compression flag, gets no straight path, not an error.
         """
         if self._exchange.sink is not None:
             return
-        writer = response._payload_writer  # aiohttp's; its byte count feeds the access log
+        writer = getattr(response, "_payload_writer", None)
         protocol = request.protocol
         transport = request.transport
-        if not isinstance(writer, StreamWriter) or transport is None or writer._compress:
+        plain = getattr(writer, "_compress", True) is None
+        if not isinstance(writer, StreamWriter) or transport is None or not plain:
             return
         chunked = writer.chunked
         exchange = self._exchange
