@@ -9,6 +9,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import cast
 
@@ -100,8 +101,10 @@ async def stream_back(
     try:
         if not response.prepared:
             # With more of the answer here already, the headers leave with it, in one write
-            # (aiohttp's switch; otherwise they leave at once, as a stream's client expects).
-            response._send_headers_immediately = not exchange.pending
+            # (aiohttp's private switch; otherwise they leave at once, as a stream's client
+            # expects, and an aiohttp without the switch always sends them at once).
+            with contextlib.suppress(AttributeError):
+                response._send_headers_immediately = not exchange.pending
             await response.prepare(request)
         event: Event
         heard = loop.time()  # when the worker was last heard from
