@@ -35,14 +35,10 @@ CHECKED_SERIES = frozenset({"3.14"})
 #: Whether the installed aiohttp is one of them: data messages can skip the queue.
 SUPPORTED = ".".join(aiohttp.__version__.split(".")[:2]) in CHECKED_SERIES
 
-try:
-    if not SUPPORTED:
-        raise ImportError(f"aiohttp {aiohttp.__version__} is not a checked series")
+_Queue: Any = None  # another aiohttp: no direct handling
+if SUPPORTED:
     from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
     from aiohttp.helpers import DEFAULT_CHUNK_SIZE
-except ImportError:  # pragma: no cover - another aiohttp: no direct handling
-    _Queue: Any = None
-else:
 
     class _Queue(WebSocketDataQueue):  # type: ignore[no-redef]
         """aiohttp's message queue, which hands data messages to ``handler`` when it can."""
