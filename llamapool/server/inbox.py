@@ -11,10 +11,10 @@ binary messages straight from the parser instead; close, ping and pong still go 
 Order is kept: a message is handled directly only while nothing is queued ahead of it, and the
 receiving task hands messages to the same handler.
 
-This relies on aiohttp's private parser and queue as aiohttp 3.14 lays them out (Cython or pure
-Python). Any other release series, older or newer, gets an ordinary socket, every message
-through ``receive()``, until its layout is checked and added to :data:`CHECKED_SERIES`: a
-private method copied from one series must not run on another that changed it.
+This relies on aiohttp's private parser and queue as aiohttp 3.14.4 and later 3.14 releases lay
+them out (Cython or pure Python). Any other aiohttp, older or newer, gets an ordinary socket,
+every message through ``receive()``, until its layout is checked (see :data:`SUPPORTED`): a
+private method copied from one release must not run on another that changed it.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ _DIRECT = (WSMsgType.TEXT, WSMsgType.BINARY)
 #: The aiohttp release series whose private WebSocket layout :meth:`InboxWebSocket._post_start`
 #: copies (checked with 3.14.5, its C parser and its pure Python one).
 CHECKED_SERIES = frozenset({"3.14"})
-#: Whether the installed aiohttp is one of them: data messages can skip the queue.
-SUPPORTED = ".".join(aiohttp.__version__.split(".")[:2]) in CHECKED_SERIES
+#: Whether the installed aiohttp is of a checked series and keeps the response's parser
+#: (``_parser``, from 3.14.4 on; 3.14.0 to 3.14.3 do not): data messages can skip the queue.
+SUPPORTED = ".".join(aiohttp.__version__.split(".")[:2]) in CHECKED_SERIES and hasattr(
+    web.WebSocketResponse, "_parser"
+)
 
 _Queue: Any = None  # another aiohttp: no direct handling
 if SUPPORTED:
