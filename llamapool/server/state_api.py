@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
-from aiohttp_sse import sse_response
+from aiohttp_sse import EventSourceResponse
 
 from llamapool.server.appkeys import STATE
 from llamapool.server.metrics import CONTENT_TYPE_LATEST
@@ -85,7 +85,8 @@ async def state_stream(request: web.Request) -> web.StreamResponse:
     """``GET /api/v1/state/stream``: a snapshot at once, then one per change."""
     broadcaster = request.app[BROADCASTER]
     broadcaster.publish()  # the first snapshot is current, not up to a tick old
-    async with sse_response(request, ping_interval=KEEPALIVE_INTERVAL) as response:
+    response = await _events(request)
+    async with response:
         seen = -1
         while response.is_connected():
             update = await broadcaster.next(seen)
@@ -93,6 +94,21 @@ async def state_stream(request: web.Request) -> web.StreamResponse:
                 break
             seen, snapshot = update
             await response.send(snapshot.decode())
+    return response
+
+
+async def _events(request: web.Request) -> EventSourceResponse:
+    """An event stream, its headers sent, that pings every :data:`KEEPALIVE_INTERVAL`.
+
+    aiohttp-sse 3 takes the interval when the response is made; 2.2, the last release that
+    runs on Python 3.10, only once it is (a property that 3 no longer has).
+    """
+    try:
+        response = EventSourceResponse(ping_interval=KEEPALIVE_INTERVAL)
+    except TypeError:  # aiohttp-sse 2.2
+        response = EventSourceResponse()
+        response.ping_interval = KEEPALIVE_INTERVAL  # type: ignore[attr-defined,unused-ignore]
+    await response.prepare(request)
     return response
 
 
