@@ -384,10 +384,7 @@ async def test_servers_of_a_cluster_talk_over_tls(certs: Certs) -> None:
                         async with http.get(a_url + "/v1/models") as response:
                             return bool((await response.json())["data"])
 
-                    deadline = asyncio.get_running_loop().time() + 10
-                    while not await listed_on_a():
-                        assert asyncio.get_running_loop().time() < deadline, "never listed"
-                        await asyncio.sleep(0.05)
+                    await wait_for(listed_on_a, timeout=10, what="the worker listed on A")
                     async with http.post(a_url + "/v1/chat/completions", json=CHAT) as response:
                         answer = await response.json()
     assert "over tls" in answer["choices"][0]["message"]["content"]
