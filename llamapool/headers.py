@@ -100,9 +100,37 @@ _RESPONSE_ALLOWED = re.compile(
 
 
 def allowed_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The headers of a worker's response that may reach the client."""
-    return {
-        name: value
-        for name, value in headers.items()
-        if (key := name.lower()) in RESPONSE_ALLOWED or _RESPONSE_ALLOWED.match(key)
-    }
+    """The headers of a worker's response that may reach the client: the allowed ones, less
+    any its ``Connection`` header names (hop-by-hop too), repeated names joined with ``", "``.
+
+    None of :data:`RECOMPUTED` is allowed, so they drop with the rest. This runs on every
+    response, so a name is judged once (and remembered, up to a bound) rather than each time.
+    """
+    kept: dict[str, str] = {}
+    lowered: dict[str, str] = {}
+    hop: set[str] = set()
+    for name, value in headers.items():
+        key = name.lower()
+        allowed = _allowed_names.get(key)
+        if allowed is None:
+            allowed = key in RESPONSE_ALLOWED or _RESPONSE_ALLOWED.match(key) is not None
+            if len(_allowed_names) < _MAX_NAMES:
+                _allowed_names[key] = allowed
+        if key == "connection":
+            hop.update(token.strip().lower() for token in value.split(","))
+        elif not allowed:
+            continue
+        elif key in lowered:
+            kept[lowered[key]] += ", " + value
+        else:
+            lowered[key] = name
+            kept[name] = value
+    if hop:
+        return {name: value for name, value in kept.items() if name.lower() not in hop}
+    return kept
+
+
+#: Response header names judged so far (lowercase), and whether each may pass; past the bound,
+#: names are judged afresh each time, so a worker sending ever new names fills nothing.
+_allowed_names: dict[str, bool] = {}
+_MAX_NAMES = 4096

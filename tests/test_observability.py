@@ -384,7 +384,8 @@ async def test_the_workers_gauge_follows_each_status(
 
 
 async def test_metrics_move_to_their_own_port_when_one_is_set() -> None:
-    """With a metrics port, /metrics is served there and only there, from the same state."""
+    """With a metrics port, /metrics is served there and only there, from the same state, and
+    its answers name their request as the main port's do."""
     cfg = ServeConfig(
         host="127.0.0.1", port=0, metrics_port=0, api_keys=API_KEY, worker_keys=WORKER_KEY
     )
@@ -400,9 +401,13 @@ async def test_metrics_move_to_their_own_port_when_one_is_set() -> None:
             async with http.get(metrics_url + "/api/v1/state", headers=key) as resp:
                 state_on_metrics_port = resp.status
             m = await scrape(metrics_url)
+            named = {"X-Request-Id": "scrape-7"}
+            async with http.get(metrics_url + "/metrics", headers=named) as resp:
+                echoed = resp.headers.get("X-Request-Id")
 
     assert metrics_url != url
     assert (404, 401, 404) == (on_main, unauthorized, state_on_metrics_port)
+    assert "scrape-7" == echoed
     assert 1 == m.value("llamapool_rejections_total", reason="unauthorized")
     assert 1 == m.total("llamapool_build_info", component="server")
 

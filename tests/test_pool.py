@@ -189,8 +189,9 @@ def test_unknown_model_raises_no_worker_error() -> None:
     ],
 )
 def test_fallback_names_follow_the_go_alias_rule(requested: str, expected: list[str]) -> None:
-    """The exact name comes first, then Go's name:tag alias, then Ollama's implicit :latest."""
-    assert expected == fallback_names(requested)
+    """The exact name comes first, then Go's name:tag alias, then Ollama's implicit :latest
+    (the same when asked again, from memory)."""
+    assert [expected, expected] == [list(fallback_names(requested)) for _ in range(2)]
 
 
 def test_a_quantization_suffix_falls_back_to_name_and_tag() -> None:

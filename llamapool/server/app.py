@@ -118,6 +118,7 @@ def create_metrics_app(
     app[STATE] = state
     app[KEYS] = keys if keys is not None else KeyStore(cfg.api_keys, cfg.keys_file)
     app.add_routes([web.get("/metrics", state_api.metrics)])
+    app.on_response_prepare.append(middleware.echo_request_id)
     return app
 
 

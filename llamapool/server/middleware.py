@@ -16,7 +16,7 @@ from llamapool.server.http_errors import Flavor, error_response, flavor_for
 from llamapool.server.keyfile import OPEN, Caller, ClientKey
 from llamapool.server.keys import CALLER, USAGE, caller_of
 from llamapool.server.limits import estimate_tokens, retry_after
-from llamapool.server.relay import REQUEST_ID, Handler
+from llamapool.server.relay import REQUEST_ID, REQUEST_ID_OF, Handler
 from llamapool.server.routes import BY_PATH
 
 log = structlog.get_logger("llamapool.server")
@@ -40,20 +40,18 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
     """Keep the client's ``X-Request-Id`` (or make one), log with it, and send it back."""
     given = request.headers.get(REQUEST_ID, "")
     request_id = given if _VALID_ID.match(given) else f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
+    request[REQUEST_ID_OF] = request_id
     # Each request runs in a task of its own (aiohttp), so what is bound here ends with it.
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    response: web.StreamResponse = await handler(request)
-    # A response returned unprepared is prepared after this middleware, outside the context.
-    if not response.prepared and REQUEST_ID not in response.headers:
-        response.headers[REQUEST_ID] = request_id
-    return response
+    return await handler(request)  # type: ignore[no-any-return]
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response, streamed or not, names its request."""
-    bound = structlog.contextvars.get_contextvars().get("request_id")
-    if bound and REQUEST_ID not in response.headers:
-        response.headers[REQUEST_ID] = str(bound)
+    """``on_response_prepare``: every response, streamed or not, names its request (one
+    returned unprepared too: it is prepared after the middlewares, and still has its id)."""
+    request_id = request.get(REQUEST_ID_OF)
+    if request_id and REQUEST_ID not in response.headers:
+        response.headers[REQUEST_ID] = request_id
 
 
 @web.middleware
@@ -212,8 +210,9 @@ def _tokens(request: web.Request, response: web.StreamResponse | None) -> tuple[
 def _body_sent(response: web.StreamResponse) -> int:
     """Bytes of a prepared response's body: what went out less the status line and headers
     (a chunked body's framing, a few bytes a chunk, stays in)."""
-    head = len(f"HTTP/1.1 {response.status} {response.reason}\r\n\r\n")
-    head += sum(len(k) + len(v) + 4 for k, v in response.headers.items())
+    headers = response.headers
+    head = len(f"HTTP/1.1 {response.status} {response.reason}\r\n\r\n") + 4 * len(headers)
+    head += sum(map(len, headers.keys())) + sum(map(len, headers.values()))
     return max(0, response.body_length - head)
 
 

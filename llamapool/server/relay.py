@@ -47,6 +47,9 @@ from llamapool.server.stream import Deadlines, Trace, failure, stream_back
 log = structlog.get_logger("llamapool.server")
 
 REQUEST_ID = "X-Request-Id"
+#: The request's id (the client's ``X-Request-Id``, or one the server made), as the
+#: request_ids middleware chose it: what the worker and the response carry.
+REQUEST_ID_OF = web.RequestKey("llamapool_request_id", str)
 
 Handler = Any  # aiohttp handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -475,9 +478,9 @@ async def _exchange(
     exchange = link.open()
     wire_id = exchange.request_id
     headers = forwardable(request.headers.items(), CLIENT_ONLY)
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    request_id = request.get(REQUEST_ID_OF)
     if request_id:
-        headers[REQUEST_ID] = str(request_id)
+        headers[REQUEST_ID] = request_id
     outgoing = ProxyRequest(
         request_id=wire_id,
         method=request.method,

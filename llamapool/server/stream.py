@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
-from llamapool.headers import RECOMPUTED, allowed_response_headers, forwardable
+from llamapool.headers import allowed_response_headers
 from llamapool.protocol import ResponseHeaders
 from llamapool.server.affinity import ResponseIdScanner
 from llamapool.server.appkeys import ENDS
@@ -84,9 +84,7 @@ async def stream_back(
     Anthropic's ``count_tokens``); ``response_id`` reads a Responses API answer's id.
     """
     trace.status, trace.first_byte = first.status, time.monotonic()
-    headers = allowed_response_headers(
-        forwardable(check_headers(first.headers).items(), RECOMPUTED)
-    )
+    headers = check_headers(allowed_response_headers(first.headers))
     # A stream that waited in line was given its 200 already (see .queue_events).
     response = (
         request[QUEUED]
