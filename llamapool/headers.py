@@ -114,7 +114,7 @@ def allowed_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
         allowed = _allowed_names.get(key)
         if allowed is None:
             allowed = key in RESPONSE_ALLOWED or _RESPONSE_ALLOWED.match(key) is not None
-            if len(_allowed_names) < _MAX_NAMES:
+            if len(key) <= _MAX_REMEMBERED_NAME and len(_allowed_names) < _MAX_NAMES:
                 _allowed_names[key] = allowed
         if key == "connection":
             hop.update(token.strip().lower() for token in value.split(","))
@@ -130,7 +130,9 @@ def allowed_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return kept
 
 
-#: Response header names judged so far (lowercase), and whether each may pass; past the bound,
-#: names are judged afresh each time, so a worker sending ever new names fills nothing.
+#: Response header names judged so far (lowercase), and whether each may pass. Names come
+#: from workers: only short ones are remembered, and past the bound names are judged afresh
+#: each time, so a worker sending ever new (or huge) names fills nothing.
 _allowed_names: dict[str, bool] = {}
 _MAX_NAMES = 4096
+_MAX_REMEMBERED_NAME = 256

@@ -16,7 +16,9 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
+from llamapool import headers as headers_module
 from llamapool.config import WorkConfig
+from llamapool.headers import allowed_response_headers
 from llamapool.plugin_api import BackendSettings
 from llamapool.protocol import (
     Message,
@@ -316,6 +318,22 @@ async def test_a_workers_response_headers_are_checked_and_bounded(
     assert [f"X-RateLimit-H-{i:03}" for i in range(MAX_HEADERS)] == kept
     assert [] == [name for name in bad if name in got]
     assert None is got.get("Set-Cookie")
+
+
+def test_header_verdicts_are_remembered_within_bounds() -> None:
+    """A name's verdict is remembered, so a response is judged in one pass; a worker sending
+    ever new or huge names fills no more than the bound, never with a huge name, and every
+    name is still judged right once the memory is full."""
+    huge = "X-RateLimit-" + "a" * 100_000
+    for i in range(headers_module._MAX_NAMES + 100):
+        allowed_response_headers({f"X-Name-{i}": "v", huge: "v"})
+
+    remembered = headers_module._allowed_names
+    assert len(remembered) <= headers_module._MAX_NAMES
+    assert [] == [name for name in remembered if len(name) > headers_module._MAX_REMEMBERED_NAME]
+    assert {huge: "v", "Retry-After": "1"} == allowed_response_headers(
+        {huge: "v", "X-Name-new": "v", "Retry-After": "1", "Set-Cookie": "c=1"}
+    )
 
 
 @pytest.mark.parametrize("status", [0, -1, 99, 100, 101, 199, 301, 302, 307, 308, 600, 999])

@@ -194,6 +194,21 @@ def test_fallback_names_follow_the_go_alias_rule(requested: str, expected: list[
     assert [expected, expected] == [list(fallback_names(requested)) for _ in range(2)]
 
 
+def test_fallbacks_are_remembered_within_bounds() -> None:
+    """Model names come from clients: ever new or huge names fill no more than the bound,
+    never with a huge name, and every name is still answered right once the memory is full."""
+    huge = "m" * 100_000 + ":latest"
+    for i in range(pool_module._MAX_REMEMBERED + 100):
+        fallback_names(f"model-{i}")
+        fallback_names(huge)
+
+    remembered = pool_module._fallbacks
+    assert len(remembered) <= pool_module._MAX_REMEMBERED
+    assert [] == [name for name in remembered if len(name) > pool_module._MAX_REMEMBERED_NAME]
+    assert ("new:8b-q4_0", "new:8b") == fallback_names("new:8b-q4_0")
+    assert (huge, huge.removesuffix(":latest")) == fallback_names(huge)
+
+
 def test_a_quantization_suffix_falls_back_to_name_and_tag() -> None:
     """llama3:8b-q4_0 is served by a worker that has llama3:8b."""
     worker = make_worker("a", ["llama3:8b"])
