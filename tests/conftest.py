@@ -21,6 +21,7 @@ from llamapool.server.app import create_app
 from llamapool.server.appkeys import POOL
 from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.pool import Pool
+from llamapool.testing import url_of
 from llamapool.worker.agent import Agent
 from llamapool.worker.loader import load_backend
 
@@ -99,11 +100,6 @@ async def until(
 async def _holds(condition: Callable[[], bool | Awaitable[bool]]) -> bool:
     result = condition()
     return await result if inspect.isawaitable(result) else result
-
-
-def url_of(server: TestServer) -> str:
-    """The base URL of a test server (a fake backend, usually)."""
-    return f"http://{server.host}:{server.port}"
 
 
 class PoolServer:

@@ -21,6 +21,7 @@ from llamapool.testing.fakes import (
     create_replay_app,
     fake_log,
     serve_app,
+    url_of,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "create_replay_app",
     "fake_log",
     "serve_app",
+    "url_of",
 ]

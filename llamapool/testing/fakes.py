@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
@@ -22,6 +22,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from llamapool.backends.demo import EchoOptions, EchoResponder
 from llamapool.plugin_api import ANTHROPIC_PATHS, OLLAMA_PATHS, OPENAI_PATHS
+
+if TYPE_CHECKING:
+    from aiohttp.test_utils import TestServer
 
 #: What Ollama serves: its native API and the OpenAI and Anthropic paths it implements.
 OLLAMA_SERVES = OLLAMA_PATHS | {
@@ -398,3 +401,8 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+def url_of(server: TestServer) -> str:
+    """The base URL (no trailing slash) of a fake run with pytest-aiohttp's ``aiohttp_server``."""
+    return f"http://{server.host}:{server.port}"

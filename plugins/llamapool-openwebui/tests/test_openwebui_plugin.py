@@ -1,18 +1,17 @@
-"""The Open WebUI backend plugin against a real fake Open WebUI on a loopback port."""
+"""The Open WebUI backend plugin against a real fake Open WebUI on a loopback port: the contract
+every plugin keeps (``llamapool.testing.contract``), then what only Open WebUI does."""
 
 # House style puts the expected value first (assert expected == actual).
 
 from __future__ import annotations
 
 import aiohttp
-import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from llamapool.plugin_api import OLLAMA_PATHS, OPENAI_PATHS, BackendError, BackendSettings
-from llamapool.testing import create_broken_app, create_fake_openwebui_app, fake_log
-from llamapool.worker.loader import available, load_backend
+from llamapool.testing import create_fake_openwebui_app, fake_log, url_of
+from llamapool.testing.contract import BackendContract
 from llamapool_openwebui import OpenWebUIBackend
 
 KEY = "sk-webui"
@@ -40,26 +39,16 @@ BODIES = {
 }
 
 
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
+class TestOpenWebUIBackend(BackendContract):
+    backend = OpenWebUIBackend
+    entry_point, distribution = "openwebui", "llamapool-openwebui"
+    fake = staticmethod(create_fake_openwebui_app)
+    models_path, model_list = "/api/models", "an Open WebUI model list"
+    model, bodies, routes, key = MODEL, BODIES, ROUTES, KEY
 
 
 def backend_for(url: str, api_key: str = KEY) -> OpenWebUIBackend:
     return OpenWebUIBackend(BackendSettings(url=url, api_key=api_key))
-
-
-async def test_list_models_returns_the_model_ids(aiohttp_server: AiohttpServer) -> None:
-    """list_models answers the ids in GET /api/models, sent with the bearer key."""
-    server = await aiohttp_server(create_fake_openwebui_app(models=[MODEL, "gpt-4o-mini"]))
-
-    async with aiohttp.ClientSession() as http:
-        models = await backend_for(url_of(server)).list_models(http)
-
-    sent = fake_log(server.app).requests
-    assert [MODEL, "gpt-4o-mini"] == models
-    assert [("/api/models", f"Bearer {KEY}")] == [
-        (r.path, r.headers["Authorization"]) for r in sent
-    ]
 
 
 async def test_list_models_without_a_key_says_one_is_needed(aiohttp_server: AiohttpServer) -> None:
@@ -71,44 +60,6 @@ async def test_list_models_without_a_key_says_one_is_needed(aiohttp_server: Aioh
             await backend_for(url_of(server), api_key="").list_models(http)
 
     assert [] == fake_log(server.app).requests
-
-
-async def test_list_models_raises_when_open_webui_is_down(unused_tcp_port: int) -> None:
-    """Connection refused becomes a BackendError naming the URL."""
-    url = f"http://127.0.0.1:{unused_tcp_port}"
-
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(BackendError, match=f"GET {url}/api/models failed"):
-            await backend_for(url).list_models(http)
-
-
-async def test_list_models_raises_on_401(aiohttp_server: AiohttpServer) -> None:
-    """A wrong key becomes a BackendError naming the status."""
-    server = await aiohttp_server(create_fake_openwebui_app())
-
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(BackendError, match="answered HTTP 401"):
-            await backend_for(url_of(server), api_key="sk-wrong").list_models(http)
-
-
-@pytest.mark.parametrize(
-    ("status", "body", "content_type", "message"),
-    [
-        (500, b"internal error", "text/plain", "answered HTTP 500"),
-        (200, b"<html>the Open WebUI app</html>", "text/html", "did not answer JSON"),
-        (200, b'{"models": []}', "application/json", "did not answer an Open WebUI model list"),
-    ],
-)
-async def test_list_models_raises_on_a_bad_answer(
-    aiohttp_server: AiohttpServer, status: int, body: bytes, content_type: str, message: str
-) -> None:
-    """A failing, non-JSON or wrongly shaped answer becomes a BackendError saying which."""
-    app = create_broken_app(status=status, body=body, content_type=content_type)
-    server = await aiohttp_server(app)
-
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(BackendError, match=message):
-            await backend_for(url_of(server)).list_models(http)
 
 
 def test_serves_every_public_path() -> None:
@@ -136,39 +87,6 @@ def test_default_url_is_the_local_open_webui() -> None:
     assert "http://127.0.0.1:3000/api/chat/completions" == backend_for("").upstream_url(
         "/v1/chat/completions"
     )
-
-
-def test_auth_headers_carry_only_the_api_key() -> None:
-    """auth_headers is the bearer Open WebUI key, or nothing without one."""
-    assert {"Authorization": f"Bearer {KEY}"} == dict(backend_for("").auth_headers())
-    assert {} == dict(backend_for("", api_key="").auth_headers())
-
-
-def test_found_through_its_entry_point() -> None:
-    """The loader finds the backend as openwebui, from the llamapool-openwebui distribution."""
-    assert OpenWebUIBackend == load_backend("openwebui")
-    assert "llamapool-openwebui" == available()["openwebui"].dist.name
-
-
-@pytest.mark.parametrize("path", sorted(BODIES))
-async def test_request_reaches_open_webui_unchanged(
-    aiohttp_server: AiohttpServer, path: str
-) -> None:
-    """A request to upstream_url with auth_headers gets Open WebUI's answer, body and key intact."""
-    server = await aiohttp_server(create_fake_openwebui_app())
-    backend = backend_for(url_of(server))
-    body = orjson.dumps(BODIES[path])
-
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(backend.upstream_url(path), data=body, headers=backend.auth_headers()) as resp,
-    ):
-        answer = await resp.json()
-
-    sent = fake_log(server.app).requests[0]
-    assert (200, ROUTES[path], body) == (resp.status, sent.path, sent.body)
-    assert f"Bearer {KEY}" == sent.headers["Authorization"]
-    assert MODEL == answer["model"]
 
 
 async def test_chat_answer_is_the_echo(aiohttp_server: AiohttpServer) -> None:

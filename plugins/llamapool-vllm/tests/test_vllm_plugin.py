@@ -1,18 +1,17 @@
-"""The vLLM backend plugin against a real fake OpenAI-compatible server on a loopback port."""
+"""The vLLM backend plugin against a real fake OpenAI-compatible server on a loopback port: the
+contract every plugin keeps (``llamapool.testing.contract``), then what only vLLM does."""
 
 # House style puts the expected value first (assert expected == actual).
 
 from __future__ import annotations
 
 import aiohttp
-import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from llamapool.plugin_api import ANTHROPIC_PATHS, OPENAI_PATHS, BackendError, BackendSettings
-from llamapool.testing import create_broken_app, create_fake_vllm_app, fake_log
-from llamapool.worker.loader import available, load_backend
+from llamapool.plugin_api import ANTHROPIC_PATHS, OPENAI_PATHS, BackendSettings
+from llamapool.testing import create_fake_vllm_app, fake_log, url_of
+from llamapool.testing.contract import BackendContract
 from llamapool_vllm import VllmBackend
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -24,23 +23,16 @@ BODIES = {
 }
 
 
-def url_of(server: TestServer) -> str:
-    return f"http://{server.host}:{server.port}"
+class TestVllmBackend(BackendContract):
+    backend = VllmBackend
+    entry_point, distribution = "vllm", "llamapool-vllm"
+    fake = staticmethod(create_fake_vllm_app)  # api_key: vLLM's --api-key
+    models_path, model_list = "/v1/models", "an OpenAI model list"
+    model, bodies = MODEL, BODIES
 
 
 def backend_for(url: str, api_key: str = "") -> VllmBackend:
     return VllmBackend(BackendSettings(url=url, api_key=api_key))
-
-
-async def test_list_models_returns_the_model_ids(aiohttp_server: AiohttpServer) -> None:
-    """list_models answers the ids in GET /v1/models."""
-    server = await aiohttp_server(create_fake_vllm_app(models=[MODEL, "Qwen/Qwen2.5-7B"]))
-
-    async with aiohttp.ClientSession() as http:
-        models = await backend_for(url_of(server)).list_models(http)
-
-    assert [MODEL, "Qwen/Qwen2.5-7B"] == models
-    assert ["/v1/models"] == fake_log(server.app).paths
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
@@ -55,55 +47,6 @@ async def test_list_models_accepts_the_openai_base_url(
 
     assert [MODEL] == models
     assert ["/v1/models"] == fake_log(server.app).paths
-
-
-async def test_list_models_sends_the_api_key(aiohttp_server: AiohttpServer) -> None:
-    """With an API key, list_models authenticates to a server started with --api-key."""
-    server = await aiohttp_server(create_fake_vllm_app(api_key="vllm-key"))
-
-    async with aiohttp.ClientSession() as http:
-        models = await backend_for(url_of(server), "vllm-key").list_models(http)
-
-    assert [MODEL] == models
-    assert "Bearer vllm-key" == fake_log(server.app).requests[0].headers["Authorization"]
-
-
-async def test_list_models_raises_when_the_server_is_down(unused_tcp_port: int) -> None:
-    """Connection refused becomes a BackendError naming the URL."""
-    url = f"http://127.0.0.1:{unused_tcp_port}"
-
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(BackendError, match=f"GET {url}/v1/models failed"):
-            await backend_for(url).list_models(http)
-
-
-async def test_list_models_raises_on_401(aiohttp_server: AiohttpServer) -> None:
-    """A missing key becomes a BackendError naming the status."""
-    server = await aiohttp_server(create_fake_vllm_app(api_key="vllm-key"))
-
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(BackendError, match="answered HTTP 401"):
-            await backend_for(url_of(server)).list_models(http)
-
-
-@pytest.mark.parametrize(
-    ("status", "body", "content_type", "message"),
-    [
-        (500, b"internal error", "text/plain", "answered HTTP 500"),
-        (200, b"<html>a web page</html>", "text/html", "did not answer JSON"),
-        (200, b'{"models": []}', "application/json", "did not answer an OpenAI model list"),
-    ],
-)
-async def test_list_models_raises_on_a_bad_answer(
-    aiohttp_server: AiohttpServer, status: int, body: bytes, content_type: str, message: str
-) -> None:
-    """A failing, non-JSON or wrongly shaped answer becomes a BackendError saying which."""
-    app = create_broken_app(status=status, body=body, content_type=content_type)
-    server = await aiohttp_server(app)
-
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(BackendError, match=message):
-            await backend_for(url_of(server)).list_models(http)
 
 
 def test_serves_the_openai_and_anthropic_paths() -> None:
@@ -122,39 +65,6 @@ def test_upstream_url_keeps_the_path(url: str, path: str) -> None:
 def test_default_url_is_the_local_vllm() -> None:
     """Without a URL the backend talks to vLLM's standard local port."""
     assert "http://127.0.0.1:8000/v1/completions" == backend_for("").upstream_url("/v1/completions")
-
-
-def test_auth_headers_carry_only_the_api_key() -> None:
-    """auth_headers is the bearer API key, or nothing without one."""
-    assert {"Authorization": "Bearer vllm-key"} == dict(backend_for("", "vllm-key").auth_headers())
-    assert {} == dict(backend_for("").auth_headers())
-
-
-def test_found_through_its_entry_point() -> None:
-    """The loader finds the backend as vllm, from the llamapool-vllm distribution."""
-    assert VllmBackend == load_backend("vllm")
-    assert "llamapool-vllm" == available()["vllm"].dist.name
-
-
-@pytest.mark.parametrize("path", sorted(BODIES))
-async def test_request_reaches_the_server_unchanged(
-    aiohttp_server: AiohttpServer, path: str
-) -> None:
-    """A request to upstream_url with auth_headers gets the server's answer, body and key intact."""
-    server = await aiohttp_server(create_fake_vllm_app(api_key="vllm-key"))
-    backend = backend_for(url_of(server) + "/v1", "vllm-key")
-    body = orjson.dumps(BODIES[path])
-
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(backend.upstream_url(path), data=body, headers=backend.auth_headers()) as resp,
-    ):
-        answer = await resp.json()
-
-    sent = fake_log(server.app).requests[0]
-    assert (200, path, body) == (resp.status, sent.path, sent.body)
-    assert "Bearer vllm-key" == sent.headers["Authorization"]
-    assert MODEL == answer["model"]
 
 
 async def test_chat_answer_is_the_echo(aiohttp_server: AiohttpServer) -> None:
