@@ -3,11 +3,11 @@
 Subclass :class:`BackendContract` as a ``Test...`` class in the plugin's tests and fill in its
 class attributes; pytest then runs each of its tests against the fake runtime on a loopback port
 (pytest-aiohttp's ``aiohttp_server``; the async tests carry pytest-asyncio's mark, so they run in
-its strict mode too)::
+its strict mode too). For a plugin of an OpenAI-compatible runtime that takes a bearer key::
 
-    class TestAcmeBackend(BackendContract):
-        backend = AcmeBackend
-        entry_point, distribution = "acme", "llamapool-acme"
+    class TestMyBackend(BackendContract):
+        backend = MyBackend
+        entry_point, distribution = "mybackend", "llamapool-mybackend"
         fake = staticmethod(create_fake_vllm_app)
         models_path, model_list = "/v1/models", "an OpenAI model list"
         model = "qwen2.5-7b"
