@@ -50,28 +50,27 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dic
     """A plain dict of the headers not in ``drop`` (names compared case-insensitively).
 
     Repeated headers are joined with ``", "``, which HTTP allows for every header we relay.
-    Headers that ``Connection`` names are hop-by-hop too, and dropped with it.
+    ``Connection`` never passes, and the headers it names are hop-by-hop too, and dropped with
+    it. One pass over the headers: this runs on every request and answer, in the server and
+    in the worker.
     """
-    headers = list(headers)
-    listed = {
-        token.strip().lower()
-        for name, value in headers
-        if str(name).lower() == "connection"
-        for token in value.split(",")
-    }
-    drop = drop | listed
     result: dict[str, str] = {}
     lowered: dict[str, str] = {}
+    hop: set[str] = set()
     for raw_name, value in headers:
         name = str(raw_name)  # aiohttp's names are istr, which JSON encoders reject as keys
         key = name.lower()
-        if key in drop:
+        if key == "connection":
+            hop.update(token.strip().lower() for token in value.split(","))
+        elif key in drop:
             continue
-        if key in lowered:
+        elif key in lowered:
             result[lowered[key]] += ", " + value
         else:
             lowered[key] = name
             result[name] = value
+    if hop:
+        return {name: value for name, value in result.items() if name.lower() not in hop}
     return result
 
 
@@ -101,33 +100,28 @@ _RESPONSE_ALLOWED = re.compile(
 
 def allowed_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers of a worker's response that may reach the client: the allowed ones, less
-    any its ``Connection`` header names (hop-by-hop too), repeated names joined with ``", "``.
+    any its ``Connection`` header names (hop-by-hop too), repeated names joined
+    (:func:`forwardable`). None of :data:`RECOMPUTED` is allowed, so they drop with the rest."""
+    return forwardable(
+        ((name, value) for name, value in headers.items() if _allowed(name.lower())),
+        HOP_BY_HOP,
+    )
 
-    None of :data:`RECOMPUTED` is allowed, so they drop with the rest. This runs on every
-    response, so a name is judged once (and remembered, up to a bound) rather than each time.
-    """
-    kept: dict[str, str] = {}
-    lowered: dict[str, str] = {}
-    hop: set[str] = set()
-    for name, value in headers.items():
-        key = name.lower()
-        allowed = _allowed_names.get(key)
-        if allowed is None:
-            allowed = key in RESPONSE_ALLOWED or _RESPONSE_ALLOWED.match(key) is not None
-            if len(key) <= _MAX_REMEMBERED_NAME and len(_allowed_names) < _MAX_NAMES:
-                _allowed_names[key] = allowed
-        if key == "connection":
-            hop.update(token.strip().lower() for token in value.split(","))
-        elif not allowed:
-            continue
-        elif key in lowered:
-            kept[lowered[key]] += ", " + value
-        else:
-            lowered[key] = name
-            kept[name] = value
-    if hop:
-        return {name: value for name, value in kept.items() if name.lower() not in hop}
-    return kept
+
+def _allowed(key: str) -> bool:
+    """Whether a response header (lowercase) may pass; ``Connection`` does, for
+    :func:`forwardable` to read. A name is judged once and remembered, up to a bound: this runs
+    on every response."""
+    allowed = _allowed_names.get(key)
+    if allowed is None:
+        allowed = (
+            key in RESPONSE_ALLOWED
+            or key == "connection"
+            or _RESPONSE_ALLOWED.match(key) is not None
+        )
+        if len(key) <= _MAX_REMEMBERED_NAME and len(_allowed_names) < _MAX_NAMES:
+            _allowed_names[key] = allowed
+    return allowed
 
 
 #: Response header names judged so far (lowercase), and whether each may pass. Names come
