@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from llamapool.memo import Remembered
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -102,31 +104,22 @@ def allowed_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers of a worker's response that may reach the client: the allowed ones, less
     any its ``Connection`` header names (hop-by-hop too), repeated names joined
     (:func:`forwardable`). None of :data:`RECOMPUTED` is allowed, so they drop with the rest."""
-    return forwardable(
-        ((name, value) for name, value in headers.items() if _allowed(name.lower())),
-        HOP_BY_HOP,
-    )
+    known = _allowed.memo  # looked in first: this runs on every header of every response
+    kept = [
+        (name, value)
+        for name, value in headers.items()
+        if known.get(key := name.lower()) or (key not in known and _allowed(key))
+    ]
+    return forwardable(kept, HOP_BY_HOP)
 
 
-def _allowed(key: str) -> bool:
+def _judge(key: str) -> bool:
     """Whether a response header (lowercase) may pass; ``Connection`` does, for
-    :func:`forwardable` to read. A name is judged once and remembered, up to a bound: this runs
-    on every response."""
-    allowed = _allowed_names.get(key)
-    if allowed is None:
-        allowed = (
-            key in RESPONSE_ALLOWED
-            or key == "connection"
-            or _RESPONSE_ALLOWED.match(key) is not None
-        )
-        if len(key) <= _MAX_REMEMBERED_NAME and len(_allowed_names) < _MAX_NAMES:
-            _allowed_names[key] = allowed
-    return allowed
+    :func:`forwardable` to read."""
+    allowed = key in RESPONSE_ALLOWED or key == "connection"
+    return allowed or _RESPONSE_ALLOWED.match(key) is not None
 
 
-#: Response header names judged so far (lowercase), and whether each may pass. Names come
-#: from workers: only short ones are remembered, and past the bound names are judged afresh
-#: each time, so a worker sending ever new (or huge) names fills nothing.
-_allowed_names: dict[str, bool] = {}
-_MAX_NAMES = 4096
-_MAX_REMEMBERED_NAME = 256
+#: :func:`_judge`, remembered: it runs on every header of every response, and names come from
+#: workers (see :class:`~llamapool.memo.Remembered` for the bounds).
+_allowed = Remembered(_judge)

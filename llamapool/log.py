@@ -33,6 +33,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from llamapool.errors import ConfigError
+from llamapool.memo import Remembered
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
@@ -60,21 +61,15 @@ class LogSettings:
     dir: Path | None = None
 
 
-#: Field names seen, and whether each may hold a credential (a log line asks it of each of its
-#: field names, and those are few; past the bound, names are judged afresh each time).
-_secret_names: dict[str, bool] = {}
-_MAX_NAMES = 4096
-
-
-def is_secret_name(name: str) -> bool:
+def _names_a_secret(name: str) -> bool:
     """Whether a field named ``name`` may hold a credential (``worker_key``, ``Authorization``)."""
-    secret = _secret_names.get(name)
-    if secret is None:
-        lowered = name.lower()
-        secret = any(word in lowered for word in _SECRET_WORDS)
-        if len(_secret_names) < _MAX_NAMES:
-            _secret_names[name] = secret
-    return secret
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+#: :func:`_names_a_secret`, remembered: a log line asks it of each of its field names, and those
+#: are few.
+is_secret_name = Remembered(_names_a_secret)
 
 
 #: Values that hold nothing nested: returned as they are, the common case of a log field.
@@ -88,7 +83,7 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
 
     Numbers are left alone: ``prompt_tokens=12`` is a count, not a credential.
     """
-    names = _secret_names
+    names = is_secret_name.memo
     for name, value in event_dict.items():
         secret = names.get(name)
         if secret is None:

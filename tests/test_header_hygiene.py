@@ -324,13 +324,13 @@ def test_header_verdicts_are_remembered_within_bounds() -> None:
     """A name's verdict is remembered, so a response is judged in one pass; a worker sending
     ever new or huge names fills no more than the bound, never with a huge name, and every
     name is still judged right once the memory is full."""
+    verdicts = headers_module._allowed
     huge = "X-RateLimit-" + "a" * 100_000
-    for i in range(headers_module._MAX_NAMES + 100):
+    for i in range(verdicts.entries + 100):
         allowed_response_headers({f"X-Name-{i}": "v", huge: "v"})
 
-    remembered = headers_module._allowed_names
-    assert len(remembered) <= headers_module._MAX_NAMES
-    assert [] == [name for name in remembered if len(name) > headers_module._MAX_REMEMBERED_NAME]
+    assert len(verdicts.memo) <= verdicts.entries
+    assert [] == [name for name in verdicts.memo if len(name) > verdicts.key_length]
     assert {huge: "v", "Retry-After": "1"} == allowed_response_headers(
         {huge: "v", "X-Name-new": "v", "Retry-After": "1", "Set-Cookie": "c=1"}
     )

@@ -198,13 +198,12 @@ def test_fallbacks_are_remembered_within_bounds() -> None:
     """Model names come from clients: ever new or huge names fill no more than the bound,
     never with a huge name, and every name is still answered right once the memory is full."""
     huge = "m" * 100_000 + ":latest"
-    for i in range(pool_module._MAX_REMEMBERED + 100):
+    for i in range(fallback_names.entries + 100):
         fallback_names(f"model-{i}")
         fallback_names(huge)
 
-    remembered = pool_module._fallbacks
-    assert len(remembered) <= pool_module._MAX_REMEMBERED
-    assert [] == [name for name in remembered if len(name) > pool_module._MAX_REMEMBERED_NAME]
+    assert len(fallback_names.memo) <= fallback_names.entries
+    assert [] == [name for name in fallback_names.memo if len(name) > fallback_names.key_length]
     assert ("new:8b-q4_0", "new:8b") == fallback_names("new:8b-q4_0")
     assert (huge, huge.removesuffix(":latest")) == fallback_names(huge)
 

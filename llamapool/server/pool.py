@@ -18,6 +18,7 @@ from typing import Protocol
 import attrs
 
 from llamapool.errors import NoWorkerError, WorkerIdInUseError, WorkersBusyError
+from llamapool.memo import Remembered
 from llamapool.protocol import ProxyRequest
 from llamapool.server.exchange import Exchange
 
@@ -25,28 +26,12 @@ from llamapool.server.exchange import Exchange
 _ALIAS = re.compile(r"^([^:]+):([^-\s]+)(-.+)?$")
 
 
-def fallback_names(model: str) -> tuple[str, ...]:
+def _fallback_names(model: str) -> tuple[str, ...]:
     """Names to try, in order, for a requested model.
 
     The exact name first; then Go's alias (``llama3:8b-q4_0`` -> ``llama3:8b``); then Ollama's
-    implicit tag (``llama3`` <-> ``llama3:latest``). A request asks this two or three times
-    (to choose a worker, then the name it serves), so the answer for a short name is
-    remembered, up to a bound: names come from clients.
+    implicit tag (``llama3`` <-> ``llama3:latest``).
     """
-    names = _fallbacks.get(model)
-    if names is None:
-        names = _fallback_names(model)
-        if len(model) <= _MAX_REMEMBERED_NAME and len(_fallbacks) < _MAX_REMEMBERED:
-            _fallbacks[model] = names
-    return names
-
-
-_fallbacks: dict[str, tuple[str, ...]] = {}
-_MAX_REMEMBERED = 4096
-_MAX_REMEMBERED_NAME = 256
-
-
-def _fallback_names(model: str) -> tuple[str, ...]:
     names = [model]
     match = _ALIAS.match(model)
     if match and match.group(3):
@@ -56,6 +41,12 @@ def _fallback_names(model: str) -> tuple[str, ...]:
     elif model.endswith(":latest"):
         names.append(model.removesuffix(":latest"))
     return tuple(names)
+
+
+#: :func:`_fallback_names`, remembered: a request asks it two or three times (to choose a
+#: worker, then the name it serves), and names come from clients (see
+#: :class:`~llamapool.memo.Remembered` for the bounds).
+fallback_names = Remembered(_fallback_names)
 
 
 class Link(Protocol):
