@@ -12,6 +12,7 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -52,11 +53,16 @@ class Chromium:
     def __init__(self, binary: str, user_data_dir: Path) -> None:
         self.user_data_dir = user_data_dir
         self._log = (user_data_dir.parent / "chromium.log").open("wb")
+        # Chromium leaves a folder of its own in TMPDIR (org.chromium.Chromium.*): keep it
+        # with the profile, which pytest cleans up, not in /tmp.
+        scratch = user_data_dir.parent / "tmp"
+        scratch.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
             [binary, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": str(scratch)},
         )
 
     def devtools_url(self, timeout: float = 30.0) -> str:
