@@ -159,6 +159,36 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
     assert 0.4 <= idle_for < 2.5, idle_for
 
 
+async def test_a_body_that_never_ends_is_cut_off_at_the_request_timeout() -> None:
+    """A model request whose body stops halfway holds its connection (and its slot against
+    the cap) only until REQUEST_TIMEOUT (0.5 s) after its headers; a body that trickles in
+    whole within it is answered."""
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: slow\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    body = b'{"model": "nobody-serves-this"}'.ljust(100)
+    async with serving(request_timeout=0.5, header_timeout=5.0) as server:
+        stalled = await RawClient.connect(server, head + body[:9])
+        started = time.monotonic()
+        with capture_logs() as logs:
+            closed = await stalled.closed_by_server()
+        elapsed = time.monotonic() - started
+        stalled.close()
+
+        slow = await RawClient.connect(server, head)
+        for piece in (body[:50], body[50:]):
+            await asyncio.sleep(0.1)
+            slow.writer.write(piece)
+        answered = (await slow.response())[0]
+        slow.close()
+
+    assert closed
+    assert 0.45 <= elapsed < 2.5, elapsed
+    assert ["body_timeout"] == [e["reason"] for e in logs if e["event"] == "slow_client_closed"]
+    assert 404 == answered  # routed: the whole body arrived in time
+
+
 # --- the connection cap ---------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import orjson
 import structlog
 from aiohttp import web
 from aiohttp.http import WebSocketReader
+from aiohttp.streams import StreamReader
 
 from llamapool.config import ServeConfig
 from llamapool.log import Throttle
@@ -171,14 +172,25 @@ class ConnectionGuard:
 
 
 class GuardedRequestHandler(web.RequestHandler):
-    """aiohttp's connection protocol, reporting to a :class:`ConnectionGuard`, with a deadline
-    for request headers and errors logged through the guard's throttle.
+    """aiohttp's connection protocol, reporting to a :class:`ConnectionGuard`, with deadlines
+    for request headers and bodies, and errors logged through the guard's throttle.
 
     The header deadline starts at accept, and on a kept-alive connection at the first byte of
-    the next request (until then, ``keepalive_timeout`` bounds the wait).
+    the next request (until then, ``keepalive_timeout`` bounds the wait). A body still coming
+    when its headers end has ``body_timeout`` more to arrive whole: a handler reading it waits
+    with no deadline of its own, and a connection busy with a request is never shed to make
+    room, so without this a client could hold one forever by never finishing a body.
     """
 
-    __slots__ = ("_deadline", "_guard", "_header_timeout", "_sock", "_ws_path")
+    __slots__ = (
+        "_body_deadline",
+        "_body_timeout",
+        "_deadline",
+        "_guard",
+        "_header_timeout",
+        "_sock",
+        "_ws_path",
+    )
 
     def __init__(
         self,
@@ -186,14 +198,17 @@ class GuardedRequestHandler(web.RequestHandler):
         *,
         guard: ConnectionGuard,
         header_timeout: float,
+        body_timeout: float,
         ws_path: str | None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
         self._ws_path = ws_path
         self._deadline: asyncio.TimerHandle | None = None
+        self._body_deadline: asyncio.TimerHandle | None = None
         #: The transport, also once aiohttp has let go of it, so a shed connection is closed
         #: at once even with unsent data (``abort``, not ``close``).
         self._sock: asyncio.Transport | None = None
@@ -217,6 +232,10 @@ class GuardedRequestHandler(web.RequestHandler):
         if requests != self._request_count:
             self._stop_deadline()
             self._guard.headers_received(self)
+            # Only the last request parsed can have a body still coming: the parser reads
+            # no request past an unfinished body.
+            if self._messages and not self._messages[-1][1].is_eof():
+                self._watch_body(self._messages[-1][1])
 
     def log_access(
         self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
@@ -237,6 +256,7 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_deadline()
+        self._stop_body_deadline()
         self._guard.closed(self)
         sock, self._sock = self._sock, None
         super().connection_lost(exc)
@@ -314,6 +334,22 @@ class GuardedRequestHandler(web.RequestHandler):
             self._guard.closed(self)
             self.shed()
 
+    def _watch_body(self, payload: StreamReader) -> None:
+        self._stop_body_deadline()
+        self._body_deadline = self._loop.call_later(self._body_timeout, self._body_too_slow)
+        payload.on_eof(self._stop_body_deadline)
+
+    def _stop_body_deadline(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _body_too_slow(self) -> None:
+        self._body_deadline = None
+        self._guard.throttle.log(log.info, "slow_client_closed", reason="body_timeout")
+        self._guard.closed(self)
+        self.shed()
+
 
 class GuardedServer(web.Server):
     """aiohttp's low-level server, making :class:`GuardedRequestHandler` connections."""
@@ -324,6 +360,7 @@ class GuardedServer(web.Server):
         *,
         guard: ConnectionGuard,
         header_timeout: float,
+        body_timeout: float,
         ws_path: str | None,
     ) -> None:
         # The arguments aiohttp's Application put together for its own Server.
@@ -340,6 +377,7 @@ class GuardedServer(web.Server):
             loop=self._loop,
             guard=guard,
             header_timeout=header_timeout,
+            body_timeout=body_timeout,
             ws_path=ws_path,
             **self._kwargs,
         )
@@ -351,7 +389,7 @@ class GuardedServer(web.Server):
 class GuardedRunner(web.AppRunner):
     """An ``AppRunner`` whose connections report to a :class:`ConnectionGuard`."""
 
-    __slots__ = ("_header_timeout", "_ws_path", "guard")
+    __slots__ = ("_body_timeout", "_header_timeout", "_ws_path", "guard")
 
     def __init__(
         self,
@@ -359,18 +397,24 @@ class GuardedRunner(web.AppRunner):
         *,
         guard: ConnectionGuard,
         header_timeout: float,
+        body_timeout: float,
         ws_path: str | None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self.guard = guard
         self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
         self._ws_path = ws_path
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         return GuardedServer(
-            plain, guard=self.guard, header_timeout=self._header_timeout, ws_path=self._ws_path
+            plain,
+            guard=self.guard,
+            header_timeout=self._header_timeout,
+            body_timeout=self._body_timeout,
+            ws_path=self._ws_path,
         )
 
     async def cleanup(self) -> None:
@@ -382,9 +426,9 @@ def make_runner(
     app: web.Application, cfg: ServeConfig, *, guard: ConnectionGuard | None = None
 ) -> GuardedRunner:
     """The runner ``llamapool serve`` serves ``app`` with: handler cancellation (a client that
-    leaves cancels its request), no access log (the app logs each request), ``cfg``'s header
-    and keep-alive deadlines, and a guard (by default one of ``max_connections``, counting
-    refusals in the app's rejections metric).
+    leaves cancels its request), no access log (the app logs each request), ``cfg``'s header,
+    body (``request_timeout``) and keep-alive deadlines, and a guard (by default one of
+    ``max_connections``, counting refusals in the app's rejections metric).
     """
     if guard is None:
         guard = ConnectionGuard(cfg.max_connections, on_refused=refusal_counter(app))
@@ -392,6 +436,7 @@ def make_runner(
         app,
         guard=guard,
         header_timeout=cfg.header_timeout,
+        body_timeout=cfg.request_timeout,
         ws_path=cfg.ws_path,
         keepalive_timeout=cfg.keepalive_timeout,
         handler_cancellation=True,
