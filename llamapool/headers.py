@@ -53,14 +53,18 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dic
 
     Repeated headers are joined with ``", "``, which HTTP allows for every header we relay.
     ``Connection`` never passes, and the headers it names are hop-by-hop too, and dropped with
-    it. One pass over the headers: this runs on every request and answer, in the server and
-    in the worker.
+    it. A value that is not UTF-8 has its invalid bytes replaced by U+FFFD, as Go's JSON
+    encoder does: aiohttp keeps them as surrogates, which the wire's JSON cannot carry. One
+    pass over the headers: this runs on every request and answer, in the server and in the
+    worker.
     """
     result: dict[str, str] = {}
     lowered: dict[str, str] = {}
     hop: set[str] = set()
     for raw_name, value in headers:
         name = str(raw_name)  # aiohttp's names are istr, which JSON encoders reject as keys
+        if not value.isascii():
+            value = _utf8(value)
         key = name.lower()
         if key == "connection":
             hop.update(token.strip().lower() for token in value.split(","))
@@ -74,6 +78,16 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> dic
     if hop:
         return {name: value for name, value in result.items() if name.lower() not in hop}
     return result
+
+
+def _utf8(value: str) -> str:
+    """``value`` as valid UTF-8 text: the bytes aiohttp kept as surrogates (it reads headers
+    with ``surrogateescape``) that are not UTF-8 become U+FFFD."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        raw = value.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
 
 
 #: Response headers a worker may send on to the client, by exact (lowercase) name.

@@ -182,6 +182,44 @@ async def test_the_server_strips_client_headers_before_the_wire(pool_server: Poo
     assert "kept" == wire.get("X-Client-Kept")
 
 
+async def test_a_header_that_is_not_utf8_reaches_the_backend_with_replacement_characters(
+    aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
+) -> None:
+    """HTTP allows any bytes in a header value; the wire's JSON carries only UTF-8. The bytes
+    that are not UTF-8 arrive as U+FFFD, as through the Go server, and the request is served:
+    no 500, nothing charged to the worker."""
+    backend = await aiohttp_server(create_fake_ollama_app(models=[MODEL]))
+    await start_worker(pool_server, "ollama", backend_url=url_of(backend))
+    body = chat_body()
+    head = (
+        b"POST /api/chat HTTP/1.1\r\nHost: pool\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+        b"X-Bytes: caf\xc3\xa9 \xff\xfe end\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(pool_server.server.host, pool_server.server.port)
+    writer.write(head + body)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    (seen,) = [r for r in fake_log(backend.app).requests if r.path == "/api/chat"]
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert "café \ufffd\ufffd end" == CIMultiDict(seen.headers)["X-Bytes"]
+
+
+def test_forwarded_header_values_are_always_utf8() -> None:
+    """Bytes aiohttp kept as surrogates become U+FFFD, both ways (a backend's answer is read
+    the same way); valid text, ASCII or not, passes as it is."""
+    escaped = b"\xff ok \xc3\xa9".decode("utf-8", "surrogateescape")
+
+    kept = headers_module.forwardable(
+        [("X-A", escaped), ("X-B", "café"), ("X-C", "plain")], frozenset()
+    )
+
+    assert {"X-A": "\ufffd ok é", "X-B": "café", "X-C": "plain"} == kept
+    assert encode(ResponseHeaders("r", 200, kept))  # the wire takes them
+
+
 # --- the worker on its own (as behind a Go server, which forwards more) ---------------------
 
 
