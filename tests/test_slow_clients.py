@@ -19,11 +19,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from llamapool.config import ServeConfig
 from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.run import running_server
+from llamapool.server.app import create_app
 from llamapool.server.resources import connection_cap, fd_reserve
 
 from .conftest import API_KEY, WORKER_KEY
@@ -323,6 +325,33 @@ async def test_malformed_requests_are_logged_once_per_reason_without_the_key(
     assert [] == [e for e in events if "exc_info" in e or SECRET in repr(e)]
     assert SECRET not in caplog.text
     assert "Error handling request" not in caplog.text
+
+
+async def test_an_unexpected_failure_is_a_json_500_and_one_traceback_per_interval(
+    aiohttp_server: Any,
+) -> None:
+    """A bug a client can trigger at will (here a route that always fails) answers each time
+    with a JSON 500 in the route's API shape, and logs its traceback once, not per request."""
+
+    async def broken(request: web.Request) -> web.Response:
+        raise ValueError("a bug of ours")
+
+    app = create_app(ServeConfig(host="127.0.0.1", port=0, api_keys=API_KEY))
+    app.router.add_get("/api/broken", broken)
+    server = await aiohttp_server(app)
+    with capture_logs() as events:
+        async with aiohttp.ClientSession() as http:
+            answers = []
+            for _ in range(5):
+                async with http.get(
+                    server.make_url("/api/broken"), headers={"Authorization": f"Bearer {API_KEY}"}
+                ) as resp:
+                    answers.append((resp.status, await resp.json()))
+
+    failures = [e for e in events if e["event"] == "request_failed"]
+    assert [(500, {"error": "internal error"})] * 5 == answers  # Ollama's shape on /api
+    assert [("ValueError", 0)] == [(e["reason"], e["suppressed"]) for e in failures]
+    assert all("exc_info" in e for e in failures)
 
 
 def test_the_throttle_passes_one_line_per_reason_and_interval_and_counts_the_rest() -> None:

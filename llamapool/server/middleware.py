@@ -11,7 +11,7 @@ import time
 import structlog
 from aiohttp import web
 
-from llamapool.server.appkeys import CONFIG, KEYS, STATE
+from llamapool.server.appkeys import CONFIG, KEYS, LOG_THROTTLE, STATE
 from llamapool.server.http_errors import Flavor, error_response, flavor_for
 from llamapool.server.keyfile import OPEN, Caller, ClientKey
 from llamapool.server.keys import CALLER, USAGE, caller_of
@@ -73,8 +73,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             "request body could not be decoded",
             code="invalid_request",
         )
-    except Exception:
-        log.exception("request_failed", path=request.path)
+    except Exception as exc:
+        # A bug of ours, but one a client may trigger over and over: one traceback per kind
+        # of failure and interval.
+        request.app[LOG_THROTTLE].log(
+            log.exception, "request_failed", reason=type(exc).__name__, path=request.path
+        )
         return error_response(
             flavor_for(request.path), 500, "internal error", code="internal_error"
         )
