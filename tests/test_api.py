@@ -13,6 +13,7 @@ import pytest
 from aiohttp import WSMsgType
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
+from structlog.testing import capture_logs
 
 from llamapool.errors import ConfigError
 from llamapool.protocol import (
@@ -191,6 +192,7 @@ BAD_BODIES = [
     pytest.param(b'{"model": null}', id="model-null"),
     pytest.param(b'{"model": "demo", "stream": "yes"}', id="stream-string"),
     pytest.param(b'{"model": "demo", "stream": 1}', id="stream-number"),
+    pytest.param(b'{"model": "%s"}' % (b"m" * 257), id="model-too-long"),
 ]
 
 
@@ -201,8 +203,8 @@ BAD_BODIES = [
 async def test_unroutable_bodies_answer_400(
     pool_server: PoolServer, start_worker: StartWorker, path: str, body: bytes
 ) -> None:
-    """Malformed JSON, a non-object, a missing or non-string model, or a non-bool stream
-    answer 400 in the route's API shape."""
+    """Malformed JSON, a non-object, a missing, non-string or too long model, or a non-bool
+    stream answer 400 in the route's API shape."""
     await start_worker(pool_server, "demo")
     headers = {**pool_server.auth, "Content-Type": "application/json"}
 
@@ -214,6 +216,50 @@ async def test_unroutable_bodies_answer_400(
     assert 400 == status
     assert "application/json" == resp.content_type
     assert_error_shape(path, answer)
+
+
+async def test_a_model_name_past_the_bound_is_neither_echoed_nor_logged_whole(
+    pool_server: PoolServer,
+) -> None:
+    """A name longer than any worker may serve (256 characters) is a 400 that says so; the
+    long name a client sends never reaches a log line or the answer."""
+    name = "m" * (64 << 10)
+    with capture_logs() as events:
+        async with aiohttp.ClientSession() as http:
+            status, answer, _ = await call(
+                http,
+                pool_server,
+                "POST",
+                "/v1/chat/completions",
+                json={**CHAT, "model": name},
+                headers=pool_server.auth,
+            )
+
+    assert 400 == status
+    assert "'model' must be at most 256 characters" == answer["error"]["message"]
+    assert [] == [e for e in events if any(name in str(v) for v in e.values())]
+
+
+@pytest.mark.parametrize(
+    ("path", "streams"), [("/v1/chat/completions", False), ("/api/chat", True)]
+)
+async def test_a_null_stream_means_the_routes_default(
+    pool_server: PoolServer, start_worker: StartWorker, path: str, streams: bool
+) -> None:
+    """``"stream": null`` is as if it were absent (OpenAI's schema allows null; Ollama reads
+    it as not given): OpenAI's routes answer whole, Ollama's stream."""
+    await start_worker(pool_server, "demo")
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            pool_server.url + path, json={**CHAT, "stream": None}, headers=pool_server.auth
+        ) as resp,
+    ):
+        status, content_type = resp.status, resp.content_type
+
+    assert 200 == status
+    assert ("application/x-ndjson" if streams else "application/json") == content_type
 
 
 @pytest.mark.parametrize(

@@ -302,16 +302,17 @@ async def test_any_request_gets_a_json_answer_and_never_a_server_error(
 
 
 def _routable(body: bytes) -> tuple[bool, Any]:
-    """Whether the server can route ``body`` (a JSON object with a non-empty string model and
-    a boolean stream, if any), and the model."""
+    """Whether the server can route ``body`` (a JSON object with a string model of 1 to 256
+    characters and a boolean or null stream, if any), and the model."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return False, None
     if not isinstance(data, dict):
         return False, None
-    model, stream = data.get("model"), data.get("stream", False)
-    return isinstance(model, str) and bool(model) and isinstance(stream, bool), model
+    model, stream = data.get("model"), data.get("stream")
+    named = isinstance(model, str) and 0 < len(model) <= 256
+    return named and (stream is None or isinstance(stream, bool)), model
 
 
 ENCODINGS = st.sampled_from(["", "identity", "gzip", "deflate", "gzip-garbage", "x-unknown"])
@@ -345,9 +346,9 @@ async def test_model_routes_answer_400_to_unroutable_bodies_and_relay_the_rest(
     encoding: str,
     content_type: str,
 ) -> None:
-    """A body that is not a JSON object with a non-empty string model (and a boolean stream),
-    or not in its Content-Encoding, answers 400; a routable one reaches the demo worker (200)
-    or names a model nobody serves (404)."""
+    """A body that is not a JSON object with a string model of 1 to 256 characters (and a
+    boolean or null stream), or not in its Content-Encoding, answers 400; a routable one
+    reaches the demo worker (200) or names a model nobody serves (404)."""
     await with_demo_worker(pool_server, start_worker)
     sent, headers = _encode(body, encoding)
     headers = {**pool_server.auth, **headers}

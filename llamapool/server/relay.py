@@ -43,6 +43,7 @@ from llamapool.server.queue_events import QUEUED, SSE_FLAVORS, QueueReporter
 from llamapool.server.routes import BY_PATH, Body, ModelRoute
 from llamapool.server.state import CANCELLED, ERROR
 from llamapool.server.stream import Deadlines, Trace, failure, stream_back
+from llamapool.server.validate import MAX_MODEL
 
 log = structlog.get_logger("llamapool.server")
 
@@ -75,10 +76,20 @@ def parse_body(
     model = next((data[f] for f in model_fields if f in data), None)
     if not isinstance(model, str) or not model:
         raise BadRequest(f"{model_fields[0]!r} is required and must be a non-empty string")
-    stream = data.get("stream", stream_default)
-    if not isinstance(stream, bool):
+    _check_length(model, model_fields[0])
+    stream = data.get("stream")
+    if stream is None:  # absent, or null: OpenAI's schema and Ollama take null as the default
+        stream = stream_default
+    elif not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean")
     return model, stream, data
+
+
+def _check_length(model: str, field: str) -> None:
+    """No worker may serve a longer name (``validate.MAX_MODEL``), and a client's name goes
+    into log lines and error messages: refused, not looked up."""
+    if len(model) > MAX_MODEL:
+        raise BadRequest(f"{field!r} must be at most {MAX_MODEL} characters")
 
 
 def parse_form(body: bytes, content_type: str, *, stream_default: bool) -> tuple[str, bool]:
@@ -90,6 +101,7 @@ def parse_form(body: bytes, content_type: str, *, stream_default: bool) -> tuple
     model = fields.get("model", "").strip()
     if not model:
         raise BadRequest("the form field 'model' is required and must not be empty")
+    _check_length(model, "model")
     stream = fields.get("stream", "").strip().lower()
     if stream not in ("", "true", "false"):
         raise BadRequest("the form field 'stream' must be true or false")
