@@ -22,6 +22,7 @@ from llamapool import eventloop
 from llamapool.backends.demo import DEMO_MODELS, DemoBackend
 from llamapool.config import ServeConfig, WorkConfig
 from llamapool.dialout import draining_on_signals
+from llamapool.listening import listen
 from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.plugin_api import BackendSettings
 from llamapool.server.app import create_app, create_metrics_app, drain
@@ -65,35 +66,43 @@ async def running_server(cfg: ServeConfig) -> AsyncIterator[str]:
     metrics_runner: web.AppRunner | None = None
     reload_on_sighup = False
     try:
-        await web.TCPSite(
-            runner,
-            cfg.host,
-            cfg.port,
-            ssl_context=tls,
-            backlog=cfg.backlog,
-            reuse_port=cfg.reuse_port or None,
-        ).start()
+        await listen(
+            web.TCPSite(
+                runner,
+                cfg.host,
+                cfg.port,
+                ssl_context=tls,
+                backlog=cfg.backlog,
+                reuse_port=cfg.reuse_port or None,
+            ),
+            setting="HOST and PORT",
+        )
         url = _url(cfg.host, runner.addresses[0][1], tls=tls is not None)
-        log.info("server_listening", url=url, ws_path=cfg.ws_path, loop=eventloop.NAME)
-        if CLUSTER in app:
-            app[CLUSTER].start(await _peer_url(runner, cfg, url, tls))
         if cfg.metrics_port is not None:
             metrics_app = create_metrics_app(app[STATE], cfg, keys=app[KEYS])
             metrics_runner = make_runner(
                 metrics_app, cfg, guard=ConnectionGuard(METRICS_CONNECTIONS)
             )
             await metrics_runner.setup()
-            await web.TCPSite(
-                metrics_runner,
-                cfg.host,
-                cfg.metrics_port,
-                ssl_context=tls,
-                backlog=METRICS_BACKLOG,
-            ).start()
+            await listen(
+                web.TCPSite(
+                    metrics_runner,
+                    cfg.host,
+                    cfg.metrics_port,
+                    ssl_context=tls,
+                    backlog=METRICS_BACKLOG,
+                ),
+                setting="METRICS_PORT",
+            )
+        # Logged once every port is open: a port in use stops the server before it says so.
+        log.info("server_listening", url=url, ws_path=cfg.ws_path, loop=eventloop.NAME)
+        if metrics_runner is not None:
             port = metrics_runner.addresses[0][1]
             log.info(
                 "metrics_listening", url=_url(cfg.host, port, tls=tls is not None) + "/metrics"
             )
+        if CLUSTER in app:
+            app[CLUSTER].start(await _peer_url(runner, cfg, url, tls))
         _warn_if_open(cfg)
         reload_on_sighup = _on_sighup(functools.partial(_reload_keys, app))
         yield url
@@ -187,17 +196,15 @@ async def work(cfg: WorkConfig) -> None:
     backend_cls = load_backend(cfg.backend)
     backend = backend_cls(BackendSettings(url=cfg.backend_url, api_key=cfg.backend_api_key))
     agent = Agent(cfg, backend, backend_name=cfg.backend)
-    running = asyncio.ensure_future(agent.run())
-    async with (
-        draining_on_signals(
-            running, lambda: agent.drain(cfg.drain_timeout), timeout=cfg.drain_timeout
-        ),
-        serving_status(agent) as urls,
-    ):
+    async with serving_status(agent) as urls:  # an address in use stops it before it starts
         for url in urls:
             log.info("status_listening", url=url)
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
+        running = asyncio.ensure_future(agent.run())
+        async with draining_on_signals(
+            running, lambda: agent.drain(cfg.drain_timeout), timeout=cfg.drain_timeout
+        ):
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
     log.info("worker_stopped")
 
 

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from llamapool.testing import create_fake_ollama_app, serve_app
 
 from .cli_helpers import (
     API_KEY,
+    WORKER_KEY,
     cli_env,
     cli_process,
     json_lines,
@@ -168,6 +170,35 @@ def test_bad_value_is_one_line_and_non_zero_exit(
     assert 0 != result.returncode
     assert "" == result.stdout
     assert_one_error_line(result, fragment)
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "setting"),
+    [
+        (["serve", "--host", "127.0.0.1"], "--port", "HOST and PORT"),
+        (["serve", "--host", "127.0.0.1", "--port", "0"], "--metrics-port", "METRICS_PORT"),
+        (["work"], "--status-addr", "STATUS_ADDR"),
+        (["work"], "--metrics-addr", "METRICS_ADDR"),
+    ],
+)
+def test_an_address_in_use_is_one_line_and_non_zero_exit(
+    command: list[str], option: str, setting: str
+) -> None:
+    """A port another process holds ends the command with one line naming the address and
+    the setting that chose it, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        value = str(port) if option.endswith("port") else f"127.0.0.1:{port}"
+        env = cli_env(WORKER_KEY=WORKER_KEY, SERVER_URL="ws://127.0.0.1:9/workers/connect")
+
+        result = run_cli(*command, option, value, env=env)
+
+    assert 1 == result.returncode
+    assert_one_error_line(
+        result, f"cannot listen on http://127.0.0.1:{port} ({setting}): address already in use"
+    )
 
 
 async def test_worker_with_a_rejected_key_exits_with_one_line() -> None:

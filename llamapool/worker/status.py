@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llamapool.errors import ConfigError
+from llamapool.listening import listen
 from llamapool.worker.agent import Agent
 
 AGENT = web.AppKey("agent", Agent)
@@ -94,7 +95,8 @@ async def serving_status(agent: Agent) -> AsyncIterator[list[str]]:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             runners.append(runner)
-            await web.TCPSite(runner, host, port).start()
+            setting = " and ".join(f"{kind.upper()}_ADDR" for kind in sorted(kinds))
+            await listen(web.TCPSite(runner, host, port), setting=setting)
             bound = runner.addresses[0]
             urls.append(f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}")
         yield urls
