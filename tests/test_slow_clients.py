@@ -327,6 +327,27 @@ async def test_malformed_requests_are_logged_once_per_reason_without_the_key(
     assert "Error handling request" not in caplog.text
 
 
+async def test_a_body_that_does_not_decode_is_the_clients_error_not_a_traceback() -> None:
+    """A body sent as gzip that is not gzip, to a route that answers without reading it (a
+    401 here): aiohttp fails reading the rest after the answer; that is a warning about a bad
+    request, never an error with a traceback."""
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: 20\r\n\r\n" + b"x" * 20
+    )
+    with capture_logs() as events:
+        async with serving() as server:
+            client = await RawClient.connect(server, request)
+            status = (await client.response())[0]
+            closed = await client.closed_by_server()
+            client.close()
+
+    assert 401 == status
+    assert closed
+    assert [] == [e for e in events if e["log_level"] == "error" or "exc_info" in e]
+    assert ["warning"] == [e["log_level"] for e in events if e["event"] == "bad_http_request"]
+
+
 async def test_an_unexpected_failure_is_a_json_500_and_one_traceback_per_interval(
     aiohttp_server: Any,
 ) -> None:

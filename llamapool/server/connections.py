@@ -298,7 +298,10 @@ class GuardedRequestHandler(web.RequestHandler):
         """aiohttp's other error reports (an exception escaping a handler, a handler without a
         response): a bug of ours, but one a client may trigger over and over."""
         exc = kw.get("exc_info")
-        if isinstance(exc, BaseException):
+        if isinstance(exc, web.RequestPayloadError):  # a body that did not decode: the client's
+            reason = type(exc.__cause__ or exc).__name__
+            self._guard.throttle.log(log.warning, "bad_http_request", reason=reason)
+        elif isinstance(exc, BaseException):
             self._guard.throttle.log(
                 log.error, "http_server_error", reason=type(exc).__name__, exc_info=exc
             )
