@@ -209,6 +209,24 @@ async def test_show_is_relayed_to_an_ollama_worker(
     )
 
 
+async def test_show_by_the_older_name_field_reaches_the_demo_worker(
+    pool_server: PoolServer, start_worker: StartWorker
+) -> None:
+    """Older Ollama clients name the model in ``name``: the pool routes by it, and the demo
+    worker answers by it too."""
+    await start_worker(pool_server, "demo")
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            pool_server.url + "/api/show", json={"name": "demo"}, headers=pool_server.auth
+        ) as resp,
+    ):
+        status, shown = resp.status, await resp.json()
+
+    assert (200, "demo") == (status, shown["details"]["family"])
+
+
 async def test_show_of_an_unknown_model_is_404(pool_server: PoolServer) -> None:
     """/api/show for a model no worker serves is Ollama's 404."""
     with pytest.raises(ResponseError) as caught:

@@ -245,7 +245,8 @@ class EchoResponder:
             raise _error(400, "request body is not valid JSON", openai=openai) from None
         if not isinstance(body, dict):
             raise _error(400, "request body must be a JSON object", openai=openai)
-        model = body.get("model")
+        # Ollama still takes the older "name" where it takes "model" (as the pool routes).
+        model = body.get("model") if openai or "model" in body else body.get("name")
         if model not in self.options.models:
             raise _error(404, f"model {model!r} not found", openai=openai)
         return body, str(model)
