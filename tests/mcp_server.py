@@ -2,9 +2,9 @@
 
 ``python tests/mcp_server.py`` speaks stdio; ``--http`` serves Streamable HTTP (at ``/mcp``),
 ``--sse`` the older HTTP+SSE transport (at ``/sse``), on a free loopback port, and prints
-``PORT <n>`` once it listens. When ``MCP_TEST_MARKERS`` names a
-directory, the slow tool writes ``started-<pid>`` there when it begins and ``cancelled-<pid>``
-when it is cancelled, so a test can see what the server saw.
+``PORT <n>`` once it listens; ``--start-delay S`` waits S seconds before it serves. When
+``MCP_TEST_MARKERS`` names a directory, the slow tool writes ``started-<pid>`` there when it
+begins and ``cancelled-<pid>`` when it is cancelled, so a test can see what the server saw.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -85,6 +86,8 @@ def _serve_http(*, sse: bool) -> None:
 
 
 if __name__ == "__main__":
+    if "--start-delay" in sys.argv:  # a server slow to start, as an npx package is
+        time.sleep(float(sys.argv[sys.argv.index("--start-delay") + 1]))
     if "--http" in sys.argv or "--sse" in sys.argv:
         _serve_http(sse="--sse" in sys.argv)
     else:

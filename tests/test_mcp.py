@@ -230,6 +230,21 @@ async def test_call_timeout_cancels_on_the_server(pool: PoolServer, tmp_path: Pa
         await wait_for(lambda: bool(marker(tmp_path, "cancelled")), timeout=20, what="cancel")
 
 
+async def test_initialize_waits_for_an_mcp_server_slower_to_start_than_the_call_timeout(
+    pool: PoolServer, tmp_path: Path
+) -> None:
+    """Starting the MCP server is part of ``initialize``, which reports no progress: a server
+    that takes 2 s to start is initialized all the same under ``--call-timeout 1s``."""
+    slow = ("--command", f"{STDIO[1]} --start-delay 2")
+    async with (
+        relay(pool, *slow, "--call-timeout", "1s", markers=tmp_path),
+        client(pool) as session,
+    ):
+        result = await session.call_tool("add", {"a": 1, "b": 2})
+
+    assert "3" == result.content[0].text  # type: ignore[union-attr]
+
+
 async def test_endpoint_token_and_unknown_sessions(pool: PoolServer, tmp_path: Path) -> None:
     """An endpoint with --token needs X-MCP-Token; unknown endpoints and sessions are 404."""
     async with relay(pool, *STDIO, "--token", "s3cret", markers=tmp_path):

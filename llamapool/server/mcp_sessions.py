@@ -66,6 +66,10 @@ class McpLimits:
     call_timeout: float = 300.0
     #: The most a relay may ask for (``--call-timeout``).
     max_call_timeout: float = 3600.0
+    #: At least this long for ``initialize``, whatever the call timeout: it waits for the relay
+    #: to start its MCP server, which takes seconds (an ``npx`` package: more) and reports no
+    #: progress.
+    initialize_timeout: float = 60.0
     #: A session with no call in flight and no open stream for this long ends.
     session_idle: float = 1800.0
     #: Server-initiated messages held for a session with no open stream.
@@ -408,6 +412,8 @@ class McpEndpoints:
             call.timer.cancel()
         timeout = session.relay.call_timeout or self.limits.call_timeout
         timeout = min(timeout, self.limits.max_call_timeout)
+        if call.method == "initialize":
+            timeout = max(timeout, self.limits.initialize_timeout)
         loop = asyncio.get_running_loop()
         call.timer = loop.call_later(timeout, self._timed_out, session, call, timeout)
 
