@@ -13,8 +13,9 @@ import json
 import os
 import shlex
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,77 @@ async def test_http_sse_server_through_the_pool(
     """An MCP server that speaks only the older HTTP+SSE transport works the same way."""
     async with relay(pool, "--sse-url", sse_mcp_server, markers=tmp_path):
         await exercise(pool, tmp_path)
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    },
+}
+
+
+async def initialize_error(pool: PoolServer, mcp_id: str = "tools") -> dict[str, Any]:
+    """POST ``initialize`` to the endpoint, expecting a prompt JSON-RPC error; that error."""
+    url = f"{pool.url}/api/mcp/id/{mcp_id}"
+    async with (
+        aiohttp.ClientSession(headers=pool.auth, timeout=aiohttp.ClientTimeout(10)) as http,
+        http.post(url, json=INITIALIZE, headers=ACCEPT) as response,
+    ):
+        if response.content_type == "text/event-stream":
+            _, answer = await sse_event(response)
+        else:
+            answer = await response.json()
+    assert 0 == answer["id"]
+    error: dict[str, Any] = answer["error"]
+    return error
+
+
+@pytest.mark.parametrize("option", ["--url", "--sse-url", "--command"])
+async def test_unreachable_mcp_server_fails_initialize_at_once(
+    pool: PoolServer, tmp_path: Path, closed_port: int, option: str
+) -> None:
+    """An MCP server that cannot be reached (a refused --url or --sse-url, a --command that
+    does not start) answers initialize at once with JSON-RPC -32000; the relay logs why and
+    leaves no task exception behind."""
+    target = {
+        "--url": f"http://127.0.0.1:{closed_port}/mcp",
+        "--sse-url": f"http://127.0.0.1:{closed_port}/sse",
+        "--command": str(tmp_path / "no-such-server"),
+    }[option]
+    async with relay(pool, option, target, markers=tmp_path) as proc:
+        error = await initialize_error(pool)
+        refused = await proc.event("mcp_session_refused")
+        assert 0 == await proc.stop()
+    assert -32000 == error["code"]
+    assert "MCP session ended" in error["message"]
+    assert refused["error"] in error["message"]
+    assert "Task exception was never retrieved" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("option", ["--url", "--sse-url"])
+async def test_refused_sessions_do_not_count_toward_max_sessions(
+    pool: PoolServer, tmp_path: Path, closed_port: int, option: str
+) -> None:
+    """A session the MCP server could not take is gone from the relay: with --max-sessions 1
+    every later initialize is tried again, none finds the relay at its limit."""
+    url = f"http://127.0.0.1:{closed_port}/mcp"
+    async with relay(pool, option, url, "--max-sessions", "1", markers=tmp_path):
+        messages = [(await initialize_error(pool))["message"] for _ in range(3)]
+    assert [f"cannot reach {url}"] * 3 == [m.split(": ")[1] for m in messages]
 
 
 async def test_killed_mcp_server_ends_the_call(pool: PoolServer, tmp_path: Path) -> None:

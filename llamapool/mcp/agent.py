@@ -59,25 +59,30 @@ class RelaySession:
             self.inbox.put_nowait(None)
 
     async def _run(self) -> None:
-        relay = self.relay
         try:
-            self.channel = await relay.transport.open()
-        except McpUpstreamError as exc:
+            self.channel = await self.relay.transport.open()
+            await self._relay(self.channel)
+        except McpUpstreamError as exc:  # at open, or at a Streamable HTTP initialize
+            self.closing = self.closing or str(exc)
             log.error("mcp_session_refused", session=self.id[:8], error=str(exc))
-            await relay.send(McpClose(self.id, str(exc)))
-            return
-        upstream = asyncio.create_task(self._from_upstream(self.channel))
+            self.calls.clear()
+            await self.relay.send(McpClose(self.id, str(exc)))
+        finally:
+            self.relay.sessions.pop(self.id, None)
+            self.relay.idle_changed()
+
+    async def _relay(self, channel: Channel) -> None:
+        """Carry the client's messages to the MCP server (and its own back) until either ends."""
+        upstream = asyncio.create_task(self._from_upstream(channel))
         try:
             while (data := await self.inbox.get()) is not None:
                 self._track(data, incoming=False)
-                await self.channel.send(data)
-            await self._cancel_calls(self.channel, self.closing)
+                await channel.send(data)
+            await self._cancel_calls(channel, self.closing)
         finally:
             upstream.cancel()
             await asyncio.gather(upstream, return_exceptions=True)
-            await self.channel.close()
-            relay.sessions.pop(self.id, None)
-            relay.idle_changed()
+            await channel.close()
 
     async def _from_upstream(self, channel: Channel) -> None:
         while (data := await channel.receive()) is not None:

@@ -13,7 +13,9 @@ class Channel(Protocol):
     """One session with the MCP server."""
 
     async def send(self, data: str) -> None:
-        """Deliver one JSON-RPC message (or batch) to the MCP server."""
+        """Deliver one JSON-RPC message (or batch) to the MCP server; raises
+        :class:`~llamapool.errors.McpUpstreamError` if the message was to start the session
+        (a Streamable HTTP ``initialize``) and the server cannot be reached."""
 
     async def receive(self) -> str | None:
         """The next message from the MCP server; ``None`` once the session is over."""
