@@ -31,6 +31,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from llamapool.server.appkeys import MCP
 from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.mcp_streams import Connection, Event, SessionStreams
+from llamapool.urls import url_for_logs
 from tests.cli_helpers import CliProcess, cli_env, cli_process
 from tests.conftest import WORKER_KEY, PoolServer, StartServer, wait_for
 from tests.redis_helpers import running_redis
@@ -260,6 +261,37 @@ async def test_refused_sessions_do_not_count_toward_max_sessions(
     async with relay(pool, option, url, "--max-sessions", "1", markers=tmp_path):
         messages = [(await initialize_error(pool))["message"] for _ in range(3)]
     assert [f"cannot reach {url}"] * 3 == [m.split(": ")[1] for m in messages]
+
+
+@pytest.mark.parametrize(("option", "path"), [("--url", "/mcp"), ("--sse-url", "/sse")])
+async def test_upstream_url_credentials_stay_on_the_relay(
+    pool: PoolServer, tmp_path: Path, closed_port: int, option: str, path: str
+) -> None:
+    """The userinfo and query of the MCP server's URL reach neither the client's error nor
+    the relay's log, which show scheme://host:port/path."""
+    url = f"http://bob:UPSTREAMPW@127.0.0.1:{closed_port}{path}?key=UPSTREAMQKEY#FRAG"
+    async with relay(pool, option, url, markers=tmp_path) as proc:
+        error = await initialize_error(pool)
+        await proc.event("mcp_session_refused")
+        assert 0 == await proc.stop()
+    assert f"cannot reach http://127.0.0.1:{closed_port}{path}:" in error["message"]
+    for secret in ("UPSTREAMPW", "UPSTREAMQKEY", "bob", "FRAG"):
+        assert secret not in error["message"]
+        assert secret not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1:8000/mcp", "http://127.0.0.1:8000/mcp"),
+        ("https://bob:pw@h.example/sse?key=k#f", "https://h.example/sse"),
+        ("http://tok@[::1]:81/a/b?x", "http://[::1]:81/a/b"),
+        ("http://u:p@w@h:1/", "http://h:1/"),
+    ],
+)
+def test_url_for_logs_drops_userinfo_query_and_fragment(url: str, shown: str) -> None:
+    """A URL as logs and error messages show it: scheme, host, port and path only."""
+    assert shown == url_for_logs(url)
 
 
 async def test_killed_mcp_server_ends_the_call(pool: PoolServer, tmp_path: Path) -> None:

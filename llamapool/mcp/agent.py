@@ -35,6 +35,7 @@ from llamapool.protocol import (
     Registered,
     StatusUpdate,
 )
+from llamapool.urls import url_for_logs
 
 log = structlog.get_logger("llamapool.mcp")
 
@@ -236,7 +237,7 @@ class McpRelay:
                     "relay_registered",
                     mcp_id=self.cfg.mcp_id,
                     transport=self.transport.name,
-                    url=self.dialer.url,
+                    url=url_for_logs(self.dialer.url),
                 )
                 self.registered.set()
             case _:

@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from llamapool.errors import McpUpstreamError
+from llamapool.urls import url_for_logs
 
 log = structlog.get_logger("llamapool.mcp")
 
@@ -74,6 +75,8 @@ class HttpTransport:
         max_message_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.url = url
+        #: ``url`` as logs and clients may see it (no userinfo, no query).
+        self.shown_url = url_for_logs(url)
         self.headers = dict(headers)
         self.tls = tls
         self.max_message_bytes = max_message_bytes
@@ -160,7 +163,7 @@ class HttpChannel(InboxChannel):
             )
         except (aiohttp.ClientError, OSError) as exc:
             if any(m["method"] == "initialize" for m in requests):
-                raise McpUpstreamError(f"cannot reach {self.t.url}: {exc}") from None
+                raise McpUpstreamError(f"cannot reach {self.t.shown_url}: {exc}") from None
             self._fail(requests, f"the MCP server is unreachable: {exc}")
             return
         if SESSION_HEADER in response.headers and not self.session_id:

@@ -16,6 +16,7 @@ from llamapool.mcp.sse import SseTransport
 from llamapool.mcp.stdio import StdioTransport
 from llamapool.mcp.transport import Transport
 from llamapool.tls import client_context
+from llamapool.urls import url_for_logs
 
 log = structlog.get_logger("llamapool.mcp")
 
@@ -31,7 +32,7 @@ def make_transport(cfg: McpConfig) -> Transport:
         )
     option, url = ("--url", cfg.url) if cfg.url else ("--sse-url", cfg.sse_url)
     if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{option} must be an http:// or https:// URL, not {url!r}")
+        raise ConfigError(f"{option} must be an http:// or https:// URL, not {url_for_logs(url)!r}")
     tls = client_context(ca_file=cfg.upstream_ca_file, insecure=cfg.upstream_tls_insecure)
     kind = StreamableHttpTransport if cfg.url else SseTransport
     return kind(url, headers=cfg.headers, tls=tls, max_message_bytes=cfg.max_message_bytes)

@@ -17,6 +17,7 @@ import structlog
 
 from llamapool.errors import McpUpstreamError
 from llamapool.mcp.http import HttpTransport, InboxChannel, SseDecoder
+from llamapool.urls import url_for_logs
 
 log = structlog.get_logger("llamapool.mcp")
 
@@ -52,17 +53,19 @@ class SseChannel(InboxChannel):
         try:
             response = await self.t.http.get(self.t.url, headers=headers, ssl=self.t.tls or True)
         except (aiohttp.ClientError, OSError) as exc:
-            raise McpUpstreamError(f"cannot reach {self.t.url}: {exc}") from None
+            raise McpUpstreamError(f"cannot reach {self.t.shown_url}: {exc}") from None
         if response.status != 200 or response.content_type != "text/event-stream":
             response.release()
-            raise McpUpstreamError(f"{self.t.url} answered HTTP {response.status}, no SSE stream")
+            raise McpUpstreamError(
+                f"{self.t.shown_url} answered HTTP {response.status}, no SSE stream"
+            )
         self._reader = asyncio.create_task(self._read(response))
         try:
             self.endpoint = await asyncio.wait_for(asyncio.shield(self._named), ENDPOINT_TIMEOUT)
         except (asyncio.TimeoutError, McpUpstreamError) as exc:
             await self.close()
             raise McpUpstreamError(
-                str(exc) or f"{self.t.url} named no message endpoint in {ENDPOINT_TIMEOUT:g}s"
+                str(exc) or f"{self.t.shown_url} named no message endpoint in {ENDPOINT_TIMEOUT:g}s"
             ) from None
 
     async def _read(self, response: aiohttp.ClientResponse) -> None:
@@ -90,7 +93,9 @@ class SseChannel(InboxChannel):
                 self._named.set_result(endpoint)
             else:
                 self._named.set_exception(
-                    McpUpstreamError(f"the MCP server named another origin: {endpoint}")
+                    McpUpstreamError(
+                        f"the MCP server named another origin: {url_for_logs(endpoint)}"
+                    )
                 )
         elif event == "message" and self._named.done():
             self.inbox.put_nowait(data)
