@@ -49,14 +49,40 @@ class McpSettings:
     log: LogSettings
 
 
-def _pairs(values: tuple[str, ...], sep: str, what: str) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for value in values:
-        key, found, rest = value.partition(sep)
-        if not found or not key.strip():
-            raise click.BadParameter(f"{value!r} is not {what}")
-        pairs.append((key.strip(), rest.strip() if sep == ":" else rest))
-    return tuple(pairs)
+class Pair(click.ParamType):  # type: ignore[type-arg]
+    """A ``KEY=VALUE`` (``--env``) or ``Name: value`` (``--header``) entry, as a pair.
+
+    Errors name the option and never show what was given: the value is often a secret.
+    Several entries in the environment variable are separated by whitespace (``MCP_ENV``) or
+    by line breaks (``MCP_HEADERS``: a header value may hold spaces).
+    """
+
+    def __init__(self, sep: str, *, header: bool = False) -> None:
+        self.sep = sep
+        self.header = header
+        self.name = "'Name: value'" if header else "KEY=VALUE"
+        self.splitter = "\n" if header else None
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [part for part in rv.split(self.splitter) if part.strip()]
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, str]:
+        if isinstance(value, tuple):  # converted already (read from a file)
+            return value
+        key, found, rest = str(value).partition(self.sep)
+        key = key.strip()
+        if not found or not key:
+            self.fail(f"expected {self.name} (what was given is not shown)", param, ctx)
+        if not self.header:
+            return key, rest
+        if not _HEADER_NAME.match(key):
+            self.fail("expected 'Name: value' with a valid header name", param, ctx)
+        value = rest.strip()
+        if "\r" in value or "\n" in value:
+            self.fail("a header value cannot hold a line break", param, ctx)
+        return key, value
 
 
 def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
@@ -74,11 +100,8 @@ def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
         raise click.BadParameter(str(exc), param_hint="'--command'") from None
     if [bool(fields["command"]), bool(params["url"]), bool(params["sse_url"])].count(True) != 1:
         raise click.UsageError(ONE_TRANSPORT)
-    fields["env"] = _pairs(params["env"], "=", "KEY=VALUE")
-    headers = _pairs(params["header"], ":", "'Name: value'")
-    for name, value in headers:
-        if not _HEADER_NAME.match(name) or "\r" in value or "\n" in value:
-            raise click.BadParameter(f"bad header {name!r}", param_hint="'--header'")
+    fields["env"] = params["env"]
+    headers = params["header"]
     if params["bearer_token"]:
         headers += (("Authorization", f"Bearer {params['bearer_token']}"),)
     fields["headers"] = headers
@@ -121,7 +144,7 @@ def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
     "--env",
     envvar="MCP_ENV",
     multiple=True,
-    metavar="KEY=VALUE",
+    type=Pair("="),
     help="Environment variable for the --command process (repeatable; MCP_ENV: separated "
     "by spaces).",
 )
@@ -144,8 +167,8 @@ def mcp_settings(params: Mapping[str, Any]) -> McpSettings:
     "--header",
     envvar="MCP_HEADERS",
     multiple=True,
-    metavar="'NAME: VALUE'",
-    help="Header sent to the --url or --sse-url server (repeatable).",
+    type=Pair(":", header=True),
+    help="Header sent to the --url or --sse-url server (repeatable; MCP_HEADERS: one per line).",
 )
 @secret(
     "--bearer-token",

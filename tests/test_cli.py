@@ -172,6 +172,41 @@ def test_bad_value_is_one_line_and_non_zero_exit(
     assert_one_error_line(result, fragment)
 
 
+MCP_UPSTREAM = ["mcp", "--id", "db", "--url", "http://127.0.0.1:1/mcp"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "option", "variable"),
+    [
+        pytest.param(
+            ["--header", "Authorization=Bearer MCPSECRET"], {}, "--header", "MCP_HEADERS", id="h"
+        ),
+        pytest.param(
+            [],
+            {"MCP_HEADERS": "Authorization=Bearer MCPSECRET"},
+            "--header",
+            "MCP_HEADERS",
+            id="MCP_HEADERS",
+        ),
+        pytest.param(
+            [], {"MCP_HEADERS": "Bad MCPSECRET: v"}, "--header", "MCP_HEADERS", id="header-name"
+        ),
+        pytest.param(["--env", "DB_PASSWORD MCPSECRET"], {}, "--env", "MCP_ENV", id="env"),
+        pytest.param([], {"MCP_ENV": "A=1 MCPSECRET"}, "--env", "MCP_ENV", id="MCP_ENV"),
+    ],
+)
+def test_malformed_mcp_header_or_env_names_the_option_not_the_value(
+    args: list[str], env: dict[str, str], option: str, variable: str
+) -> None:
+    """A malformed ``--header``/``MCP_HEADERS`` or ``--env``/``MCP_ENV`` entry is one line
+    naming the option and its variable, and never shows the value (often a secret)."""
+    result = run_cli(*MCP_UPSTREAM, *args, env=cli_env(**env))
+
+    assert 2 == result.returncode
+    assert_one_error_line(result, f"'{option}'", f"'{variable}'")
+    assert "MCPSECRET" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("command", "option", "setting"),
     [

@@ -28,11 +28,12 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from llamapool.mcp import McpConfig
 from llamapool.server.appkeys import MCP
 from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.mcp_streams import Connection, Event, SessionStreams
 from llamapool.urls import url_for_logs
-from tests.cli_helpers import CliProcess, cli_env, cli_process
+from tests.cli_helpers import CLI_ENV_VARS, CliProcess, cli_env, cli_process
 from tests.conftest import WORKER_KEY, PoolServer, StartServer, wait_for
 from tests.redis_helpers import running_redis
 
@@ -439,6 +440,33 @@ def test_cli_resolves_relay_settings() -> None:
     assert "http://h/sse" == settings.config.sse_url
     with pytest.raises(click.UsageError, match="exactly one"):
         resolve(["mcp", "--id", "two", "--url", "http://h/mcp", "--sse-url", "http://h/sse"])
+
+
+@pytest.fixture
+def no_cli_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No llamapool setting of the developer's environment reaches :func:`resolve`."""
+    for name in CLI_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def relay_config(*args: str) -> McpConfig:
+    """The relay settings ``llamapool mcp ARGS`` resolves to."""
+    from llamapool.cli import McpSettings, resolve
+
+    settings = resolve(["mcp", *args])
+    assert isinstance(settings, McpSettings)
+    return settings.config
+
+
+def test_mcp_headers_takes_name_colon_value_one_per_line(no_cli_env: pytest.MonkeyPatch) -> None:
+    """``MCP_HEADERS`` holds headers in the documented ``Name: value`` form, values with
+    spaces, one header per line (CRLF too, blank lines skipped)."""
+    url = ("--id", "db", "--url", "http://h/mcp")
+    no_cli_env.setenv("MCP_HEADERS", "X-Api-Key: k1")
+    assert (("X-Api-Key", "k1"),) == relay_config(*url).headers
+    no_cli_env.setenv("MCP_HEADERS", "Authorization: Bearer k 2\r\n\nX-Team:  a b \n")
+    assert (("Authorization", "Bearer k 2"), ("X-Team", "a b")) == relay_config(*url).headers
 
 
 ACCEPT = {"Accept": "application/json, text/event-stream"}
