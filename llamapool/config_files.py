@@ -169,8 +169,13 @@ def parse_yaml(text: str, *, source: str) -> list[Entry]:
             value = loader.construct_object(value_node, deep=True)
             if not isinstance(key, str):
                 raise ConfigError(f"{source}:{line}: a setting name must be text, got {key!r}")
-            if isinstance(value, (dict, list, set)):
+            if isinstance(value, (dict, set)):
                 raise ConfigError(f"{source}:{line}: {key}: expected a single value")
+            if isinstance(value, list) and not all(_scalar(v) for v in value):
+                raise ConfigError(
+                    f"{source}:{line}: {key}: expected a list of single values "
+                    "(quote entries such as 'Name: value')"
+                )
             entries.append(Entry(key, value, line))
         return entries
     except yaml.MarkedYAMLError as exc:
@@ -181,6 +186,10 @@ def parse_yaml(text: str, *, source: str) -> list[Entry]:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
     finally:
         loader.dispose()
+
+
+def _scalar(value: object) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 # --- into click's default_map ---------------------------------------------------------------
@@ -216,6 +225,8 @@ def to_default_map(ctx: click.Context, entries: Iterable[Entry], *, source: str)
     file and line rather than later as if it had come from the command line.
     Empty values count as unset, as click treats empty environment variables.
     Later lines win over earlier ones, as in systemd.
+    A repeatable option (``--header``) takes a text split as its environment variable is, or,
+    from YAML, a list of entries.
     """
     options = settable(ctx.command)
     blocked = {"configfile", "envfile"}.union(
@@ -233,12 +244,18 @@ def to_default_map(ctx: click.Context, entries: Iterable[Entry], *, source: str)
         option = options.get(key)
         if option is None:
             raise ConfigError(f"{where}: unknown setting {entry.key!r}{_hint(key, options)}")
-        if entry.value is None or entry.value == "":
+        if entry.value is None or entry.value == "" or entry.value == []:
             continue
         if isinstance(entry.value, bool) and not isinstance(option.type, click.types.BoolParamType):
             raise ConfigError(f"{where}: {entry.key}: expected a value, got {entry.value}")
+        value = entry.value
+        if isinstance(value, list) and not option.multiple:
+            raise ConfigError(f"{where}: {entry.key}: expected a single value")
+        if option.multiple:  # a list holds one entry an item; text is split like the variable
+            items = value if isinstance(value, list) else option.type.split_envvar_value(str(value))
+            value = [str(item) for item in items]
         try:
-            values[str(option.name)] = option.type_cast_value(ctx, entry.value)
+            values[str(option.name)] = option.type_cast_value(ctx, value)
         except click.BadParameter as exc:
             raise ConfigError(f"{where}: {entry.key}: {exc.message}") from None
     return values

@@ -28,6 +28,7 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from llamapool.errors import ConfigError
 from llamapool.mcp import McpConfig
 from llamapool.server.appkeys import MCP
 from llamapool.server.cluster.endpoint import CLUSTER
@@ -467,6 +468,74 @@ def test_mcp_headers_takes_name_colon_value_one_per_line(no_cli_env: pytest.Monk
     assert (("X-Api-Key", "k1"),) == relay_config(*url).headers
     no_cli_env.setenv("MCP_HEADERS", "Authorization: Bearer k 2\r\n\nX-Team:  a b \n")
     assert (("Authorization", "Bearer k 2"), ("X-Team", "a b")) == relay_config(*url).headers
+
+
+def test_env_file_sets_headers_and_env(tmp_path: Path, no_cli_env: pytest.MonkeyPatch) -> None:
+    """An env file sets ``MCP_HEADERS`` and ``MCP_ENV`` as the variables do."""
+    env_file = tmp_path / "mcp.env"
+    env_file.write_text(
+        'MCP_ID=db\nMCP_COMMAND=server\nMCP_ENV="A=1 B=x=y"\n'
+        'MCP_HEADERS="X-Api-Key: k 1\nX-Team: t"\n',
+        encoding="utf-8",
+    )
+    config = relay_config("--env-file", str(env_file))
+    assert (("A", "1"), ("B", "x=y")) == config.env
+    assert (("X-Api-Key", "k 1"), ("X-Team", "t")) == config.headers
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "headers"),
+    [
+        pytest.param(
+            'env: A=1 B=2\nheader: "X-Api-Key: k 1"\n',
+            (("A", "1"), ("B", "2")),
+            (("X-Api-Key", "k 1"),),
+            id="scalars",
+        ),
+        pytest.param(
+            'env: [A=1 2, B=3]\nheader:\n  - "X-Api-Key: k"\n  - "X-Team: t u"\n',
+            (("A", "1 2"), ("B", "3")),
+            (("X-Api-Key", "k"), ("X-Team", "t u")),
+            id="lists",
+        ),
+    ],
+)
+def test_yaml_file_sets_headers_and_env(
+    tmp_path: Path,
+    no_cli_env: pytest.MonkeyPatch,
+    text: str,
+    env: tuple[tuple[str, str], ...],
+    headers: tuple[tuple[str, str], ...],
+) -> None:
+    """The ``--config`` YAML file sets ``env`` and ``header`` from text (split as the variables
+    are) or from a list (one entry an item)."""
+    config_file = tmp_path / "mcp.yaml"
+    config_file.write_text(f"id: db\ncommand: server\n{text}", encoding="utf-8")
+    config = relay_config("--config", str(config_file))
+    assert (env, headers) == (config.env, config.headers)
+
+
+def test_bad_header_in_a_file_names_file_and_line_not_the_value(
+    tmp_path: Path, no_cli_env: pytest.MonkeyPatch
+) -> None:
+    """A malformed header in a file is an error naming the file, the line and the setting,
+    without its value; a list for a setting that takes one value is refused."""
+    config_file = tmp_path / "mcp.yaml"
+    config_file.write_text(
+        "id: db\nurl: http://h/mcp\nheader: ['X-Ok: 1', 'Authorization=Bearer SECRET']\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as bad_header:
+        relay_config("--config", str(config_file))
+    config_file.write_text("id: [a, b]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as listed:
+        relay_config("--config", str(config_file))
+    config_file.write_text("id: db\nheader:\n  - X-Ok: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="quote entries such as 'Name: value'"):
+        relay_config("--config", str(config_file))  # YAML reads it as a mapping
+    assert f"{config_file}:3: header: expected 'Name: value'" in str(bad_header.value)
+    assert "SECRET" not in str(bad_header.value)
+    assert f"{config_file}:1: id: expected a single value" == str(listed.value)
 
 
 ACCEPT = {"Accept": "application/json, text/event-stream"}
