@@ -47,25 +47,35 @@ def serve_settings(params: Mapping[str, Any]) -> ServeSettings:
         worker_key="worker_keys",
         cluster_key="cluster_keys",
     )
-    fields["api_keys"] = _keys(params["api_key"], params["api_key_file"])
-    fields["worker_keys"] = _keys(params["worker_key"], params["worker_key_file"])
-    fields["cluster_keys"] = _keys(params["cluster_key"], params["cluster_key_file"])
+    fields["api_keys"] = _keys(params["api_key"], params["api_key_file"], "API_KEY_FILE")
+    fields["worker_keys"] = _keys(
+        params["worker_key"], params["worker_key_file"], "WORKER_KEY_FILE"
+    )
+    fields["cluster_keys"] = _keys(
+        params["cluster_key"], params["cluster_key_file"], "CLUSTER_KEY_FILE"
+    )
     fields["host"] = fields["host"] or ("127.0.0.1" if demo else "0.0.0.0")
     return ServeSettings(ServeConfig(**fields), log_settings(params), demo)
 
 
-def _keys(listed: str, path: str) -> tuple[str, ...]:
+def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:
     """Keys from a comma-separated value plus a file of one key per line (``#`` comments).
 
     Several keys are accepted at once so an operator can rotate them without downtime.
+    A file that holds no key is an error: read as "no keys", it would open the pool to all.
     """
     keys = [k.strip() for k in listed.split(",") if k.strip()]
     if path:
         try:
-            lines = Path(path).read_text().splitlines()
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
         except OSError as exc:
-            raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
-        keys += [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+            raise ConfigError(f"cannot read {setting} {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:  # its message would quote the bytes: part of a key
+            raise ConfigError(f"cannot read {setting} {path}: not UTF-8 text") from None
+        in_file = [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+        if not in_file:
+            raise ConfigError(f"{setting} {path} holds no key (one key per line)")
+        keys += in_file
     return tuple(dict.fromkeys(keys))
 
 

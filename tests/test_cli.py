@@ -208,6 +208,32 @@ def test_malformed_mcp_header_or_env_names_the_option_not_the_value(
 
 
 @pytest.mark.parametrize(
+    ("option", "content", "fragment"),
+    [
+        pytest.param("--api-key-file", b"k\xff\xfe\n", "not UTF-8", id="api-key-file-binary"),
+        pytest.param("--api-key-file", b"", "API_KEY_FILE", id="api-key-file-empty"),
+        pytest.param(
+            "--api-key-file", b"# rotated out\n\n", "holds no key", id="api-key-file-comments"
+        ),
+        pytest.param("--worker-key-file", b"\n", "WORKER_KEY_FILE", id="worker-key-file-empty"),
+    ],
+)
+def test_a_bad_file_is_one_line_and_non_zero_exit(
+    tmp_path: Path, option: str, content: bytes, fragment: str
+) -> None:
+    """A file setting whose file cannot be used ends ``serve`` with one line naming it, no
+    traceback: an empty key file is refused rather than read as "no keys" (an open pool)."""
+    path = tmp_path / "file"
+    path.write_bytes(content)
+
+    result = run_cli("serve", "--host", "127.0.0.1", "--port", "0", option, str(path))
+
+    assert 0 != result.returncode
+    assert "" == result.stdout
+    assert_one_error_line(result, fragment)
+
+
+@pytest.mark.parametrize(
     ("command", "option", "setting"),
     [
         (["serve", "--host", "127.0.0.1"], "--port", "HOST and PORT"),
