@@ -8,9 +8,11 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 from structlog.testing import capture_logs
 
 from llamapool.server.appkeys import KEYS
+from llamapool.server.keys import KeyStore
 
 from .cli_helpers import running_server
 from .conftest import StartServer, wait_for
@@ -76,3 +78,23 @@ async def test_sighup_reloads_the_keys_file(tmp_path: Path) -> None:
     assert [200, 401] == before
     assert (str(path), 2) == (reloaded["path"], reloaded["keys"])
     assert [200, 200] == after
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["    expires: 2026-13-45\n", "    rpm: 99999999999999999999999999\n"],
+    ids=["no-such-date", "rpm-past-64-bits"],
+)
+def test_a_reloaded_value_out_of_range_keeps_the_keys_in_force(tmp_path: Path, entry: str) -> None:
+    """A date that does not exist or a limit past 64 bits, arriving by reload, is one
+    ``keys_file_invalid`` event naming its line, and the keys in force stay."""
+    path = write_keys(tmp_path / "keys.yaml", one_key("alice", ALICE))
+    store = KeyStore(path=str(path))
+    write_keys(path, one_key("bob", BOB) + entry)
+    with capture_logs() as events:
+        reloaded = store.reload()
+
+    assert False is reloaded
+    assert ["keys_file_invalid"] == [e["event"] for e in events]
+    assert events[0]["error"].startswith(f"{path}:4: ")
+    assert {"alice"} == store.ring.names

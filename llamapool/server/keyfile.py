@@ -25,6 +25,11 @@ from llamapool.errors import ConfigError
 
 #: The name of every key from ``API_KEY``/``API_KEY_FILE``, and of requests to an open pool.
 ANONYMOUS = "anonymous"
+#: Upper bound of the limits (``rpm``, ``tpm``, ``daily_tokens``, ...): past it a value is a
+#: typo, and would not fit the 64-bit integers of metrics and JSON.
+MAX_COUNT = 10**12
+MIN_WEIGHT, MAX_WEIGHT = 0.001, 1000
+MAX_PRIORITY = 10**6
 _NAME = re.compile(r"^[A-Za-z0-9][\w.@:+-]{0,63}$")
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -261,7 +266,13 @@ def _entry(
         if field == "name" and isinstance(value_node, yaml.ScalarNode):
             value: Any = value_node.value  # always text: ``name: off`` is "off", not False
         else:
-            value = loader.construct_object(value_node, deep=True)
+            try:
+                value = loader.construct_object(value_node, deep=True)
+            except (ValueError, OverflowError):
+                # A date YAML cannot build (``2026-13-45``): the text, for the field's own check.
+                if not isinstance(value_node, yaml.ScalarNode):
+                    raise ConfigError(f"{where}: {field!r} has a value that is not valid") from None
+                value = value_node.value
         raw[field] = (value, _line(key_node))
     return build(raw, line, source), line
 
@@ -274,13 +285,26 @@ def _client_key(raw: dict[str, tuple[Any, int]], line: int, source: str) -> Clie
             fields[field] = _count(raw, field, where)
     if "weight" in raw:
         weight = raw["weight"][0]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ConfigError(f"{where('weight')}: 'weight' must be a number above 0")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not MIN_WEIGHT <= weight <= MAX_WEIGHT  # nan and inf fail too
+        ):
+            raise ConfigError(
+                f"{where('weight')}: 'weight' must be a number from {MIN_WEIGHT} to {MAX_WEIGHT}"
+            )
         fields["weight"] = float(weight)
     if "priority" in raw:
         priority = raw["priority"][0]
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ConfigError(f"{where('priority')}: 'priority' must be a whole number")
+        if (
+            isinstance(priority, bool)
+            or not isinstance(priority, int)
+            or not -MAX_PRIORITY <= priority <= MAX_PRIORITY
+        ):
+            raise ConfigError(
+                f"{where('priority')}: 'priority' must be a whole number from {-MAX_PRIORITY} "
+                f"to {MAX_PRIORITY}"
+            )
         fields["priority"] = priority
     return ClientKey(name, sha256, **fields)
 
@@ -303,8 +327,8 @@ def _where(raw: dict[str, tuple[Any, int]], line: int, source: str) -> Callable[
 
 def _count(raw: dict[str, tuple[Any, int]], field: str, where: Callable[[str], str]) -> int:
     value = raw[field][0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where(field)}: {field!r} must be a whole number above 0")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise ConfigError(f"{where(field)}: {field!r} must be a whole number from 1 to {MAX_COUNT}")
     return value
 
 
