@@ -6,6 +6,7 @@ same wherever it came from; ``format_*`` write defaults the way an operator woul
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -13,6 +14,12 @@ import click
 
 from llamapool.config import MIB, parse_duration
 from llamapool.errors import LlamapoolError
+
+#: The longest duration any setting takes: a year. Past it a value is a typo, and an event
+#: loop cannot schedule a timer that far (``nan`` and ``inf`` are refused as well).
+MAX_DURATION = 365 * 24 * 3600.0
+#: The largest size any setting takes.
+MAX_SIZE = 1024**4
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -35,6 +42,10 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
             )
         except LlamapoolError as exc:
             self.fail(str(exc), param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"not a duration: {value!r} (try 30s, 2m or 1m30s)", param, ctx)
+        if seconds > MAX_DURATION:
+            self.fail(f"{value!r} is longer than a year (8760h)", param, ctx)
         if seconds == -1 and self.forever:
             return -1.0
         if seconds < 0 or (seconds == 0 and not self.zero):
@@ -58,9 +69,12 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
             unit = match.group(2).lower() if match else ""
             if match is None or unit not in self._UNITS:
                 self.fail(f"not a size: {value!r} (try 16MiB, 1MB or 1048576)", param, ctx)
-            size = int(float(match.group(1)) * self._UNITS[unit])
+            number = float(match.group(1)) * self._UNITS[unit]
+            size = int(number) if number <= MAX_SIZE else MAX_SIZE + 1  # inf: 400 digits
         if size < 1:
             self.fail(f"{value!r} must be at least 1 byte", param, ctx)
+        if size > MAX_SIZE:
+            self.fail(f"{value!r} is more than {format_size(MAX_SIZE)}", param, ctx)
         return size
 
 

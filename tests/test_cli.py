@@ -140,6 +140,15 @@ def test_console_script_runs() -> None:
         pytest.param(
             ["serve"], {"REQUEST_TIMEOUT": "5 minutes"}, "REQUEST_TIMEOUT", id="timeout-env"
         ),
+        pytest.param(["serve", "--request-timeout", "nan"], {}, "'nan'", id="timeout-nan"),
+        pytest.param(["serve"], {"IDLE_TIMEOUT": "1e400"}, "IDLE_TIMEOUT", id="timeout-inf"),
+        pytest.param(
+            ["serve", "--drain-timeout", "1e300"], {}, "longer than a year", id="timeout-too-long"
+        ),
+        pytest.param(["work"], {"SERVER_TIMEOUT": "inf"}, "SERVER_TIMEOUT", id="work-timeout-inf"),
+        pytest.param(
+            ["serve", "--max-body-size", "9" * 400], {}, "--max-body-size", id="size-too-large"
+        ),
         pytest.param(["work", "--backend", "nope"], {}, "nope", id="unknown-backend"),
         pytest.param(["work", "--max-concurrency", "0"], {}, "--max-concurrency", id="concurrency"),
         pytest.param(
