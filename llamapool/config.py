@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import urllib.parse
 import uuid
 
 import attrs
@@ -132,6 +133,7 @@ class ServeConfig:
             raise ConfigError(
                 "CLUSTER_URL must be a redis://, rediss://, valkey://, valkeys:// or unix:// URL"
             )
+        _check_cluster_url(value)
         if not self.cluster_keys:
             raise ConfigError("CLUSTER_URL needs CLUSTER_KEY (the secret the servers share)")
         advertised = self.cluster_advertise_url
@@ -155,6 +157,26 @@ class ServeConfig:
     def _check_ws_path(self, _: attrs.Attribute[str], value: str) -> None:
         if not value.startswith("/"):
             raise ConfigError(f"WS_PATH must start with '/', got {value!r}")
+
+
+def _check_cluster_url(url: str) -> None:
+    """Parse ``CLUSTER_URL`` as the cluster will, so a malformed one stops the start instead of
+    the cluster never forming. The messages never quote the URL: it may hold a password."""
+    from redis.connection import parse_url
+
+    redis_url = re.sub(r"^valkey(s?)://", r"redis\1://", url)
+    try:
+        parts = urllib.parse.urlsplit(redis_url)
+    except ValueError:
+        raise ConfigError("CLUSTER_URL is not a valid URL (check its host)") from None
+    try:
+        parts.port  # noqa: B018 (it parses the port)
+    except ValueError:
+        raise ConfigError("CLUSTER_URL has a port that is not a number from 0 to 65535") from None
+    try:
+        parse_url(redis_url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:  # names a query option, not its value
+        raise ConfigError(f"CLUSTER_URL: {exc}") from None
 
 
 def _default_worker_id() -> str:

@@ -159,6 +159,27 @@ def test_console_script_runs() -> None:
             ["serve"], {"CLUSTER_URL": "http://redis"}, "CLUSTER_URL", id="cluster-url-scheme"
         ),
         pytest.param(
+            ["serve"],
+            {"CLUSTER_URL": "redis://h:notaport"},
+            "CLUSTER_URL has a port",
+            id="cluster-url-port",
+        ),
+        pytest.param(
+            ["serve"],
+            {"CLUSTER_URL": "valkey://:pass/word@h:6379"},
+            "CLUSTER_URL has a port",
+            id="cluster-url-password-not-echoed",
+        ),
+        pytest.param(
+            ["serve"],
+            {"CLUSTER_URL": "redis://h/?socket_timeout=abc"},
+            "'socket_timeout'",
+            id="cluster-url-option",
+        ),
+        pytest.param(
+            ["serve"], {"CLUSTER_URL": "redis://[::1/x"}, "not a valid URL", id="cluster-ipv6"
+        ),
+        pytest.param(
             ["serve"], {"CLUSTER_URL": "redis://127.0.0.1:1"}, "CLUSTER_KEY", id="cluster-key"
         ),
         pytest.param(
@@ -179,6 +200,7 @@ def test_bad_value_is_one_line_and_non_zero_exit(
     assert 0 != result.returncode
     assert "" == result.stdout
     assert_one_error_line(result, fragment)
+    assert "pass" not in result.stderr  # no secret of a URL in the message
 
 
 MCP_UPSTREAM = ["mcp", "--id", "db", "--url", "http://127.0.0.1:1/mcp"]
