@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import click
 
-from llamapool import eventloop
+from llamapool import eventloop, tls
 from llamapool._cli_options import (
     PORT,
     apply_log_settings,
@@ -55,7 +55,18 @@ def serve_settings(params: Mapping[str, Any]) -> ServeSettings:
         params["cluster_key"], params["cluster_key_file"], "CLUSTER_KEY_FILE"
     )
     fields["host"] = fields["host"] or ("127.0.0.1" if demo else "0.0.0.0")
-    return ServeSettings(ServeConfig(**fields), log_settings(params), demo)
+    config = ServeConfig(**fields)
+    _check_files(config)
+    return ServeSettings(config, log_settings(params), demo)
+
+
+def _check_files(cfg: ServeConfig) -> None:
+    """Load the TLS files once before anything starts: a bad one is one line from the command,
+    not an error from each of ``--processes`` (and not a cluster that never forms)."""
+    if cfg.tls_cert:
+        tls.server_context(cfg.tls_cert, cfg.tls_key)
+    if cfg.cluster_ca_file:
+        tls.client_context(ca_file=cfg.cluster_ca_file, what="CLUSTER_CA_FILE")
 
 
 def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:

@@ -13,12 +13,26 @@ import ssl
 from llamapool.errors import ConfigError
 
 
+class _Encrypted(Exception):
+    """The private key asks for a passphrase."""
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL would prompt on the terminal (and wait forever under a TTY).
+    raise _Encrypted
+
+
 def server_context(cert: str, key: str) -> ssl.SSLContext:
     """A context serving ``cert`` (a PEM chain) with its private ``key``."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise ConfigError(
+            f"TLS_KEY {key!r} is encrypted with a passphrase (not supported): "
+            "decrypt it with 'openssl pkey -in KEY -out PLAIN_KEY'"
+        ) from None
     except FileNotFoundError:
         missing = next((path for path in (cert, key) if not os.path.isfile(path)), cert)
         raise ConfigError(f"TLS file not found: {missing}") from None
@@ -27,8 +41,10 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def client_context(*, ca_file: str = "", insecure: bool = False) -> ssl.SSLContext:
-    """How the worker checks the server's certificate."""
+def client_context(
+    *, ca_file: str = "", insecure: bool = False, what: str = "CA file"
+) -> ssl.SSLContext:
+    """How the worker checks the server's certificate (``what``: how errors name the file)."""
     if insecure:
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -37,6 +53,6 @@ def client_context(*, ca_file: str = "", insecure: bool = False) -> ssl.SSLConte
     try:
         return ssl.create_default_context(cafile=ca_file or None)
     except FileNotFoundError:
-        raise ConfigError(f"CA file not found: {ca_file}") from None
+        raise ConfigError(f"{what} not found: {ca_file}") from None
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"cannot read CA file {ca_file!r}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {ca_file!r}: {exc}") from None

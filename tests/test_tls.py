@@ -19,6 +19,7 @@ import attrs
 import openai
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
 from llamapool.backends.demo import DemoBackend
@@ -45,6 +46,7 @@ class Certs:
     cert: Path
     key: Path
     other_key: Path  # the key of another certificate: does not match ``cert``
+    encrypted_key: Path  # ``key``, encrypted with a passphrase
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         cert=directory / "server.pem",
         key=directory / "server.key",
         other_key=directory / "other.key",
+        encrypted_key=directory / "encrypted.key",
     )
     ca.cert_pem.write_to_path(str(paths.ca))
     server.cert_chain_pems[0].write_to_path(str(paths.cert))
@@ -66,6 +69,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         blob.write_to_path(str(paths.cert), append=True)
     server.private_key_pem.write_to_path(str(paths.key))
     other.private_key_pem.write_to_path(str(paths.other_key))
+    key = serialization.load_pem_private_key(server.private_key_pem.bytes(), password=None)
+    paths.encrypted_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
     return paths
 
 
@@ -291,6 +302,11 @@ def test_a_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
 # --- the command line -----------------------------------------------------------------------
 
 
+#: ``serve`` in a cluster (a Redis nobody listens on: the errors come before it is dialled).
+CLUSTER = ["serve", "--cluster-url", "redis://127.0.0.1:1", "--cluster-key", "k"]
+PROCESSES = [*CLUSTER, "--processes", "2", "--port", "1"]
+
+
 def assert_one_error_line(stderr: str, *fragments: str) -> None:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert 1 == len(lines), stderr
@@ -305,8 +321,27 @@ def assert_one_error_line(stderr: str, *fragments: str) -> None:
         (["serve", "--tls-cert", "{cert}"], ["TLS needs both TLS_CERT and TLS_KEY"]),
         (["serve", "--tls-cert", "{cert}", "--tls-key", "{other_key}"], ["cannot use TLS_CERT"]),
         (["work", "--backend", "demo", "--ca-file", "{missing}"], ["CA file not found"]),
+        (
+            ["serve", "--tls-cert", "{cert}", "--tls-key", "{encrypted_key}"],
+            ["TLS_KEY", "is encrypted with a passphrase (not supported)"],
+        ),
+        ([*CLUSTER, "--cluster-ca-file", "{missing}"], ["CLUSTER_CA_FILE not found: "]),
+        ([*CLUSTER, "--cluster-ca-file", "{key}"], ["cannot read CLUSTER_CA_FILE"]),
+        (
+            [*PROCESSES, "--tls-cert", "{missing}", "--tls-key", "{key}"],
+            ["TLS file not found"],
+        ),
     ],
-    ids=["serve-missing-file", "serve-cert-only", "serve-mismatched", "work-missing-ca"],
+    ids=[
+        "serve-missing-file",
+        "serve-cert-only",
+        "serve-mismatched",
+        "work-missing-ca",
+        "serve-encrypted-key",
+        "cluster-missing-ca",
+        "cluster-ca-not-pem",
+        "processes-missing-file",
+    ],
 )
 def test_the_cli_refuses_unusable_tls_settings_in_one_line(
     certs: Certs, tmp_path: Path, args: list[str], fragments: list[str]
@@ -315,7 +350,7 @@ def test_the_cli_refuses_unusable_tls_settings_in_one_line(
     names = {"missing": str(tmp_path / "missing.pem"), **attrs.asdict(certs)}
     argv = [arg.format_map({k: str(v) for k, v in names.items()}) for arg in args]
     if argv[0] == "serve":
-        argv += ["--host", "127.0.0.1", "--port", "0"]
+        argv += ["--host", "127.0.0.1"] + ([] if "--port" in argv else ["--port", "0"])
     else:
         argv += ["--server-url", "wss://127.0.0.1:9/workers/connect"]
 

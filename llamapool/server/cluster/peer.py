@@ -21,7 +21,6 @@ any byte, so failover keeps working across servers.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ from llamapool.protocol import ProxyRequest, ResponseHeaders
 from llamapool.server.cluster.auth import ClusterAuth
 from llamapool.server.exchange import Broken, Busy, Ended, Exchange
 from llamapool.server.link import FLOW_WINDOW
+from llamapool.tls import client_context
 
 #: Where a server takes requests for its workers from the other servers.
 RELAY_PATH = "/cluster/v1/relay"
@@ -204,7 +204,7 @@ def client_session(ca_file: str = "") -> aiohttp.ClientSession:
     """The one session a server reaches its peers with: connections kept and reused, no
     limit per peer (a server's own limits bound the requests), no body decoding; over TLS,
     certificates checked against ``ca_file`` (default: the system's CAs)."""
-    tls = ssl.create_default_context(cafile=ca_file) if ca_file else True
+    tls = client_context(ca_file=ca_file, what="CLUSTER_CA_FILE") if ca_file else True
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True, ssl=tls),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
