@@ -272,7 +272,7 @@ def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:
 @option(
     "--backlog",
     envvar="BACKLOG",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=65535),
     default=field_default(ServeConfig, "backlog"),
     help="Connections the listening socket queues for a burst (capped by net.core.somaxconn).",
 )

@@ -25,6 +25,7 @@ from llamapool._cli_options import (
 from llamapool._cli_types import HostPort
 from llamapool.config import WorkConfig
 from llamapool.log import LogSettings
+from llamapool.server.validate import MAX_CONCURRENCY
 
 
 def _load_config(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
@@ -90,7 +91,7 @@ def work_settings(params: Mapping[str, Any]) -> WorkSettings:
 @option(
     "--max-concurrency",
     envvar="MAX_CONCURRENCY",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CONCURRENCY),
     default=field_default(WorkConfig, "max_concurrency"),
     help="Requests this worker serves at once.",
 )

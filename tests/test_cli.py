@@ -152,6 +152,13 @@ def test_console_script_runs() -> None:
         pytest.param(["work", "--backend", "nope"], {}, "nope", id="unknown-backend"),
         pytest.param(["work", "--max-concurrency", "0"], {}, "--max-concurrency", id="concurrency"),
         pytest.param(
+            ["work"],
+            {"MAX_CONCURRENCY": "9" * 23},
+            "MAX_CONCURRENCY",
+            id="concurrency-past-64-bits",
+        ),
+        pytest.param(["serve", "--backlog", "3000000000"], {}, "--backlog", id="backlog-past-int"),
+        pytest.param(
             ["work"], {"MAX_CONCURRENCY": "many"}, "MAX_CONCURRENCY", id="concurrency-env"
         ),
         pytest.param(["work", "--server-url", "not-a-url"], {}, "not-a-url", id="server-url"),
