@@ -119,7 +119,7 @@ class ServeConfig:
     #: host, one cluster (each also listens on a port of its own for its peers).
     reuse_port: bool = False
     #: Server processes to run on this host (each one core), sharing the port and the cluster.
-    processes: int = 1
+    processes: int = attrs.field(default=1)
 
     @cluster_url.validator
     def _check_cluster(self, _: attrs.Attribute[str], value: str) -> None:
@@ -147,6 +147,24 @@ class ServeConfig:
             )
         if self.processes > 1 and self.port == 0:
             raise ConfigError("PROCESSES above 1 needs a fixed PORT (they share it)")
+
+    @processes.validator
+    def _check_metrics_port(self, _: attrs.Attribute[int], value: int) -> None:
+        """Process N serves its metrics on ``METRICS_PORT`` + N: each must be a port of its
+        own (an operating system would give a random one for 65536)."""
+        if not self.metrics_port:
+            return
+        last = self.metrics_port + value - 1
+        if self.port and self.metrics_port <= self.port <= last:
+            raise ConfigError(
+                "METRICS_PORT must differ from PORT"
+                if value == 1
+                else f"METRICS_PORT to METRICS_PORT+{value - 1} (one per process) include PORT"
+            )
+        if last > 65535:
+            raise ConfigError(
+                f"METRICS_PORT+{value - 1} (one port per process) is past 65535: lower it"
+            )
 
     @tls_key.validator
     def _check_tls(self, _: attrs.Attribute[str], value: str) -> None:

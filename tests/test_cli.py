@@ -196,6 +196,24 @@ def test_console_script_runs() -> None:
             id="cluster-wildcard-host",
         ),
         pytest.param(["serve", "--processes", "2"], {}, "CLUSTER_URL", id="processes"),
+        pytest.param(
+            ["serve", "--port", "18320", "--metrics-port", "18320"],
+            {},
+            "METRICS_PORT must differ from PORT",
+            id="metrics-port-is-port",
+        ),
+        pytest.param(
+            ["serve", "--port", "18321", "--metrics-port", "18320", "--processes", "2"],
+            {"CLUSTER_URL": "redis://127.0.0.1:1", "CLUSTER_KEY": "k"},
+            "include PORT",
+            id="processes-metrics-port-is-port",
+        ),
+        pytest.param(
+            ["serve", "--port", "18321", "--metrics-port", "65535", "--processes", "2"],
+            {"CLUSTER_URL": "redis://127.0.0.1:1", "CLUSTER_KEY": "k"},
+            "past 65535",
+            id="processes-metrics-port-past-65535",
+        ),
     ],
 )
 def test_bad_value_is_one_line_and_non_zero_exit(
