@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="llamapool", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:  # no command: the help, as it is
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"llamapool: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)

@@ -109,6 +109,17 @@ def test_top_level_help_lists_the_commands_and_version() -> None:
     ]
 
 
+def test_no_command_shows_the_help_not_an_error() -> None:
+    """``llamapool`` alone prints the usage and the commands, as ``--help`` does, with click's
+    exit status for a missing command; it is not an error line."""
+    result = run_cli()
+
+    assert 2 == result.returncode
+    assert result.stderr.startswith("Usage: llamapool")
+    assert "error" not in result.stderr
+    assert re.search(r"(?m)^\s+serve\b", result.stderr)
+
+
 def test_console_script_runs() -> None:
     """The ``llamapool`` console script is installed next to Python and runs the CLI."""
     (entry_point,) = importlib.metadata.entry_points(group="console_scripts", name="llamapool")
@@ -196,6 +207,7 @@ def test_console_script_runs() -> None:
             id="cluster-wildcard-host",
         ),
         pytest.param(["serve", "--processes", "2"], {}, "CLUSTER_URL", id="processes"),
+        pytest.param(["serve", "--ws-path", "/healthz"], {}, "WS_PATH", id="ws-path-taken"),
         pytest.param(
             ["serve", "--port", "18320", "--metrics-port", "18320"],
             {},

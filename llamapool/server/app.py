@@ -13,6 +13,7 @@ from aiohttp import web
 
 from llamapool.build import build_info
 from llamapool.config import ServeConfig
+from llamapool.errors import ConfigError
 from llamapool.log import Throttle
 from llamapool.protocol import CLOSE_GOING_AWAY
 from llamapool.server import mcp_http, middleware, ollama, openai, openapi, relay, state_api
@@ -188,7 +189,6 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
         [
             web.get("/healthz", healthz),
             web.get("/openapi.json", openapi.document),
-            web.get(cfg.ws_path, worker_socket),
             # llamapool's own API
             web.get("/api/v1/state", state_api.state),
             web.get("/api/v1/state/stream", state_api.state_stream),
@@ -219,6 +219,9 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     )
     if cfg.metrics_port is None:
         app.add_routes([web.get("/metrics", state_api.metrics)])
+    if _serves(app, cfg.ws_path):  # the route first added would win, and workers never connect
+        raise ConfigError(f"WS_PATH {cfg.ws_path} is a path the server already serves")
+    app.add_routes([web.get(cfg.ws_path, worker_socket)])
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(middleware.rate_limit_headers)
     app.cleanup_ctx.append(watch_keys_file(KEYS, cfg.keys_poll_interval))
@@ -230,6 +233,16 @@ def create_app(cfg: ServeConfig, *, pool: Pool | None = None) -> web.Application
     app.on_shutdown.append(state_api.release_watchers)
     app.on_shutdown.append(drain)
     return app
+
+
+def _serves(app: web.Application, path: str) -> bool:
+    """Whether a route of ``app`` takes ``path`` (a plain route, or a pattern that matches)."""
+    for resource in app.router.resources():
+        info = resource.get_info()
+        pattern = info.get("pattern")
+        if info.get("path") == path or (pattern is not None and pattern.fullmatch(path)):
+            return True
+    return False
 
 
 async def _leave_cluster(app: web.Application) -> None:
