@@ -30,6 +30,7 @@ import structlog
 
 from llamapool import protocol
 from llamapool.errors import ConfigError
+from llamapool.log import without_credentials
 from llamapool.protocol import (
     CLOSE_ID_IN_USE,
     CLOSE_KEY_FULL,
@@ -108,8 +109,9 @@ class Dialer:
     def __init__(self, settings: DialSettings, peer: Peer) -> None:
         self.settings = settings
         self.peer = peer
-        #: The URL being dialed, or connected to.
-        self.url = settings.server_url[0]
+        #: The URL being dialed, or connected to, as logs and ``/status`` show it (without
+        #: the credentials it may hold).
+        self.url = without_credentials(settings.server_url[0])
         #: The live socket, while connected.
         self.ws: Socket | None = None
         #: Unix time of the last heartbeat sent.
@@ -124,18 +126,23 @@ class Dialer:
         worker given a cluster's servers finds one that is up; the backoff is the same as for
         one URL, so a cluster that is down is not hammered."""
         s = self.settings
-        # The handshake is bounded too: a black-holed server never answers a SYN.
-        timeout = aiohttp.ClientTimeout(total=None, connect=s.server_timeout)
+        # The whole handshake is bounded, up to the server's 101 (aiohttp lifts the read
+        # bound once the socket is a WebSocket): a black-holed server never answers a SYN, and
+        # one that accepts and then says nothing would hold the worker forever, never trying
+        # the next URL.
+        bound = s.server_timeout
+        timeout = aiohttp.ClientTimeout(total=None, connect=bound, sock_read=bound)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             attempt = 0
             for url in itertools.cycle(s.server_url):
-                self.url = url
+                self.url = without_credentials(url)
                 started = time.monotonic()
                 try:
                     await self._connection(http, url)
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    self.peer.last_error = f"server unreachable: {exc}"
-                    log.warning("server_unreachable", url=url, error=str(exc))
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    error = self._unreachable(exc)
+                    self.peer.last_error = f"server unreachable: {error}"
+                    log.warning("server_unreachable", url=self.url, error=error)
                 if self.peer.draining:
                     return
                 if time.monotonic() - started > _STABLE:
@@ -160,7 +167,7 @@ class Dialer:
     async def _connection(self, http: aiohttp.ClientSession, url: str) -> None:
         s = self.settings
         if s.tls_insecure and url.startswith(("wss:", "https:")):
-            log.warning("tls_verification_disabled", url=url)
+            log.warning("tls_verification_disabled", url=self.url)
         # aiohttp pings after two thirds of the timeout without a message and gives the pong
         # the last third: a server gone silent is noticed within server_timeout.
         async with http.ws_connect(
@@ -182,6 +189,19 @@ class Dialer:
                 await asyncio.gather(beating, return_exceptions=True)
                 await self.peer.on_disconnect()
             self._closed(ws.close_code, reason)
+
+    def _unreachable(self, exc: BaseException) -> str:
+        """What went wrong dialing, in words: no object reprs (aiohttp's own message names
+        the SSL context it was given, even for ws://) and no credentials."""
+        match exc:
+            case asyncio.TimeoutError():
+                return f"no answer within {self.settings.server_timeout:g}s"
+            case aiohttp.ClientConnectorError(os_error=error):  # TLS errors included
+                reason = error.strerror or str(error) or type(exc).__name__
+                return f"cannot connect to {exc.host}:{exc.port}: {reason}"
+            case aiohttp.WSServerHandshakeError():
+                return f"the server answered the WebSocket handshake with HTTP {exc.status}"
+        return without_credentials(str(exc) or type(exc).__name__)
 
     def _closed(self, code: int | None, reason: str) -> None:
         role = self.peer.role

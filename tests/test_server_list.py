@@ -3,6 +3,8 @@ when an attempt fails or a link drops, and a bad URL in the list is named when i
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -104,6 +106,59 @@ async def test_one_url_is_dialed_again_after_a_drop(
         ("server_disconnected", server.ws_url),
         ("worker_connected", server.ws_url),
     ] == links(logs)
+
+
+async def test_a_server_that_never_answers_the_handshake_is_passed_within_server_timeout(
+    start_server: StartServer, start_worker: StartWorker
+) -> None:
+    """A server that takes the TCP connection and never answers the WebSocket upgrade is given
+    up after SERVER_TIMEOUT, logged as unreachable, and the worker moves on to the next URL."""
+    server = await start_server()
+    held: list[asyncio.StreamWriter] = []
+
+    async def say_nothing(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    mute = f"ws://127.0.0.1:{port}/workers/connect"
+    try:
+        with capture_logs() as logs:
+            started = time.monotonic()
+            agent = await start_worker(
+                server, server_url=urls(mute, server), server_timeout=0.5, reconnect_max=0.1
+            )
+            took = time.monotonic() - started
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+    assert took < 0.5 + MOVE_ON, f"registered after {took:.2f}s"
+    assert [("server_unreachable", mute), ("worker_connected", server.ws_url)] == links(logs)
+    assert "server unreachable: no answer within 0.5s" == agent.last_error
+    assert ["no answer within 0.5s"] == [
+        e["error"] for e in logs if e["event"] == "server_unreachable"
+    ]
+
+
+async def test_an_unreachable_server_is_described_in_words(
+    start_server: StartServer, start_worker: StartWorker
+) -> None:
+    """The log says what failed, host, port and reason, without aiohttp's repr of the TLS
+    context it was given (which showed even for ws://)."""
+    server = await start_server()
+    port = free_port()
+
+    with capture_logs() as logs:
+        dead = f"ws://127.0.0.1:{port}/workers/connect"
+        await start_worker(server, server_url=urls(dead, server), reconnect_max=0.1)
+
+    (error,) = [e["error"] for e in logs if e["event"] == "server_unreachable"]
+    assert error.startswith(f"cannot connect to 127.0.0.1:{port}: "), error
+    assert "object at" not in error, error
+    assert "ssl:" not in error, error
 
 
 def links(logs: list[dict[str, Any]]) -> list[tuple[str, str]]:
