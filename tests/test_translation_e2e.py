@@ -13,6 +13,7 @@ from ollama import AsyncClient as OllamaClient
 from ollama import ResponseError
 from pytest_aiohttp import AiohttpServer
 
+from llamapool.config import MIB
 from llamapool.testing import (
     Replay,
     create_fake_ollama_app,
@@ -21,6 +22,7 @@ from llamapool.testing import (
     create_replay_app,
     fake_log,
 )
+from llamapool.worker.jobs import MAX_TRANSLATED_ANSWER
 
 from .conftest import PoolServer, StartWorker, url_of
 
@@ -259,6 +261,34 @@ async def test_a_backend_error_keeps_its_status_in_ollamas_shape(
         status, body = r.status, await r.json()
 
     assert (400, {"error": "temperature must be positive"}) == (status, body)
+
+
+async def test_a_whole_answer_past_the_cap_is_a_502_in_ollamas_shape(
+    aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
+) -> None:
+    """A non-streamed answer larger than MAX_TRANSLATED_ANSWER is not read whole into the
+    worker's memory: the client gets a 502 with {"error": ...} naming the limit."""
+    mib = b"x" * MIB
+    chunks = [mib] * (MAX_TRANSLATED_ANSWER // MIB + 1)
+    replay = Replay(chunks, content_type="application/json")
+    backend = await aiohttp_server(
+        create_replay_app({"/v1/chat/completions": replay}, models=[MODEL])
+    )
+    await start_worker(pool_server, "vllm", backend_url=url_of(backend))
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            pool_server.url + "/api/chat",
+            json={"model": MODEL, "messages": USER, "stream": False},
+            headers=pool_server.auth,
+        ) as r,
+    ):
+        status, body = r.status, await r.json()
+
+    limit = MAX_TRANSLATED_ANSWER // MIB
+    error = f"the backend's answer is larger than the {limit} MiB the worker translates"
+    assert (502, {"error": error}) == (status, body)
 
 
 async def test_replayed_reasoning_and_tool_deltas_become_thinking_and_one_call(

@@ -18,8 +18,10 @@ import attrs
 import orjson
 import structlog
 
+from llamapool.config import MIB
 from llamapool.errors import BackendError
 from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
+from llamapool.log import without_credentials
 from llamapool.plugin_api import Backend
 from llamapool.protocol import (
     Message,
@@ -39,6 +41,12 @@ log = structlog.get_logger("llamapool.worker")
 _NOT_TO_BACKEND = CLIENT_ONLY | {"accept-encoding"}
 #: ... and when the worker translates, the headers that describe the client's own body.
 _NOT_TRANSLATED = _NOT_TO_BACKEND | {"content-type", "accept"}
+#: The largest whole (not streamed) answer the worker reads from its backend to translate: it
+#: holds the answer and its translation at once. The server's default ``MAX_BODY_SIZE``, ample
+#: for a batch of embeddings; past it the client gets a 502 saying so.
+MAX_TRANSLATED_ANSWER = 16 * MIB
+#: Of an error answer the worker reads this much: its message is near the start.
+_ERROR_READ = 64 * 1024
 
 
 class Outbox(Protocol):
@@ -179,7 +187,7 @@ class Jobs:
                 async for chunk in r.content.iter_any():
                     await job.send(outbox, chunk)
         except (aiohttp.ClientError, TimeoutError, BackendError) as exc:
-            message = str(exc) or type(exc).__name__
+            message = without_credentials(str(exc) or type(exc).__name__)
             log.warning("backend_request_failed", path=request.path, error=message)
             return await self._fail(outbox, rid, "backend_error", message)
         except Exception as exc:  # never leave the server waiting on a request
@@ -225,10 +233,14 @@ class Jobs:
             async with self._http().post(url, data=plan.body, headers=headers) as r:
                 status = r.status
                 if status >= 400:
-                    message = translate.error_message(status, await r.read())
+                    head = (await _read_up_to(r, _ERROR_READ))[:_ERROR_READ]
+                    message = translate.error_message(status, head)
                     return await self._answer(outbox, rid, status, translate.error_body(message))
                 if not (plan.stream and r.content_type == "text/event-stream"):
-                    answer = reply.whole(await r.read())
+                    body = await _read_up_to(r, MAX_TRANSLATED_ANSWER)
+                    if len(body) > MAX_TRANSLATED_ANSWER:
+                        return await self._too_large(outbox, rid, plan.upstream)
+                    answer = reply.whole(body)
                     return await self._answer(outbox, rid, status, answer, reply.content_type)
                 await outbox.send(ResponseHeaders(rid, status, {"Content-Type": translate.NDJSON}))
                 async for chunk in r.content.iter_any():
@@ -239,7 +251,7 @@ class Jobs:
                 if lines:
                     await job.send(outbox, lines)
         except (aiohttp.ClientError, TimeoutError, BackendError, translate.BadAnswer) as exc:
-            message = str(exc) or type(exc).__name__
+            message = without_credentials(str(exc) or type(exc).__name__)
             log.warning("backend_request_failed", path=plan.upstream, error=message)
             return await self._fail(outbox, rid, "backend_error", message)
         except Exception as exc:  # never leave the server waiting on a request
@@ -247,6 +259,14 @@ class Jobs:
             return await self._fail(outbox, rid, "worker_error", f"{type(exc).__name__}: {exc}")
         await outbox.send(ResponseEnd(rid))
         return "succeeded"
+
+    async def _too_large(self, outbox: Outbox, request_id: str, upstream: str) -> str:
+        """Refuse a whole answer past :data:`MAX_TRANSLATED_ANSWER`, in Ollama's shape."""
+        limit = MAX_TRANSLATED_ANSWER // MIB
+        log.warning("backend_answer_too_large", path=upstream, limit_mib=limit)
+        message = f"the backend's answer is larger than the {limit} MiB the worker translates"
+        self.last_error = message
+        return await self._answer(outbox, request_id, 502, translate.error_body(message))
 
     async def _answer(
         self,
@@ -272,6 +292,17 @@ def _serves(paths: frozenset[str], path: str) -> bool:
     """Whether a backend serving ``paths`` serves ``path``: one of them, or a stored response
     of the Responses API it serves (``/v1/responses/{id}...``, query string and all)."""
     return path in paths or (path.startswith("/v1/responses/") and "/v1/responses" in paths)
+
+
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``response``, or once it passed ``limit`` bytes, what was read by then
+    (longer than ``limit``, by less than one read)."""
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            break
+    return bytes(body)
 
 
 def _model_of(body: bytes) -> str:
