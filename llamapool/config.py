@@ -18,6 +18,7 @@ from llamapool.errors import ConfigError
 DEFAULT_WS_PATH = "/workers/connect"
 MIB = 1024 * 1024
 _SERVER_URL = re.compile(r"^(ws|wss|http|https)://[^/]+")
+_BACKEND_URL = re.compile(r"^https?://[^/]+")
 
 
 def comma_separated(value: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -213,7 +214,8 @@ class WorkConfig:
     )
     worker_key: str = attrs.field(default="", repr=False)
     backend: str = "ollama"
-    backend_url: str = ""
+    #: The backend's base URL (empty: the plugin's default).
+    backend_url: str = attrs.field(default="")
     backend_api_key: str = attrs.field(default="", repr=False)
     max_concurrency: int = attrs.field(default=2)
     worker_id: str = attrs.field(factory=_default_worker_id)
@@ -243,6 +245,13 @@ class WorkConfig:
     def _check_concurrency(self, _: attrs.Attribute[int], value: int) -> None:
         if value < 1:
             raise ConfigError(f"MAX_CONCURRENCY must be at least 1, got {value}")
+
+    @backend_url.validator
+    def _check_backend_url(self, _: attrs.Attribute[str], value: str) -> None:
+        # Without a scheme (localhost:11434) every request would fail, each with an error
+        # that does not say why; say it once, at start.
+        if value and not _BACKEND_URL.match(value):
+            raise ConfigError(f"BACKEND_URL must be an http:// or https:// URL, got {value!r}")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

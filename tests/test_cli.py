@@ -174,6 +174,12 @@ def test_console_script_runs() -> None:
         ),
         pytest.param(["work", "--server-url", "not-a-url"], {}, "not-a-url", id="server-url"),
         pytest.param(
+            ["work", "--backend-url", "localhost:11434"], {}, "BACKEND_URL", id="backend-url"
+        ),
+        pytest.param(
+            ["work"], {"BACKEND_URL": "localhost:11434"}, "BACKEND_URL", id="BACKEND_URL-env"
+        ),
+        pytest.param(
             ["serve"], {"CLUSTER_URL": "http://redis"}, "CLUSTER_URL", id="cluster-url-scheme"
         ),
         pytest.param(
