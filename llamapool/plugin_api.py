@@ -25,6 +25,7 @@ import aiohttp
 import attrs
 
 from llamapool.errors import BackendError
+from llamapool.log import without_credentials
 
 __all__ = [
     "ANTHROPIC_PATHS",
@@ -142,13 +143,15 @@ class Backend(abc.ABC):
 async def fetch_json(
     http: aiohttp.ClientSession, url: str, *, headers: Mapping[str, str] | None = None
 ) -> Any:
-    """GET ``url`` and decode its JSON body, turning every failure into :class:`BackendError`."""
+    """GET ``url`` and decode its JSON body, turning every failure into :class:`BackendError`
+    (whose message shows the URL without the credentials it may hold)."""
     try:
         async with http.get(url, headers=headers) as resp:
             if resp.status != 200:
-                raise BackendError(f"GET {url} answered HTTP {resp.status}")
+                raise BackendError(f"GET {without_credentials(url)} answered HTTP {resp.status}")
             return await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise BackendError(f"GET {url} failed: {exc or type(exc).__name__}") from None
+        error = without_credentials(f"GET {url} failed: {exc or type(exc).__name__}")
+        raise BackendError(error) from None
     except ValueError:
-        raise BackendError(f"GET {url} did not answer JSON") from None
+        raise BackendError(f"GET {without_credentials(url)} did not answer JSON") from None

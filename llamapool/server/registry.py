@@ -85,15 +85,20 @@ class Registry:
         self.announce(worker)
 
     def set_status(self, worker: WorkerHandle, status: str) -> None:
-        """A worker is ``ready``, ``draining`` or ``not_ready`` (other values are ignored)."""
+        """A worker is ``ready``, ``draining`` or ``not_ready`` (other values are ignored, and
+        so is a status that changes nothing: a worker may say the same thing twice)."""
+        draining, ready = worker.draining, worker.ready
         if status == STATUS_DRAINING:
-            self.pool.set_status(worker, draining=True)
+            draining = True
         elif status == STATUS_NOT_READY:
-            self.pool.set_status(worker, ready=False)
+            ready = False
         elif status == STATUS_READY:
-            self.pool.set_status(worker, draining=False, ready=True)
+            draining, ready = False, True
         else:
             return
+        if (draining, ready) == (worker.draining, worker.ready):
+            return
+        self.pool.set_status(worker, draining=draining, ready=ready)
         self.state.models_changed()
         self.scheduler.dispatch()
         self.announce(worker)

@@ -2,7 +2,9 @@
 
 One WebSocket carries every request (:mod:`llamapool.worker.jobs` runs them); a
 :class:`~llamapool.dialout.Dialer` keeps it connected (backoff, heartbeats, dead links, close
-codes). The worker keeps probing its backend:
+codes). The worker keeps probing its backend, each check bounded by ``probe_interval``; it
+dials as soon as the first check answered or :data:`FIRST_CHECK_GRACE` passed, so a backend
+that is down or hangs never keeps it off the server:
 while the backend is down it tells the server it cannot serve, and when the backend's models
 change it says so. On drain it stops taking requests, lets those in flight finish, then stops.
 """
@@ -10,7 +12,10 @@ change it says so. On drain it stops taking requests, lets those in flight finis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import aiohttp
 import structlog
@@ -20,6 +25,7 @@ from llamapool.build import build_info
 from llamapool.config import WorkConfig
 from llamapool.dialout import Dialer, DialSettings, Socket
 from llamapool.errors import BackendError, ProtocolError
+from llamapool.log import without_credentials
 from llamapool.plugin_api import Backend
 from llamapool.protocol import (
     FEATURE_BINARY_FRAMES,
@@ -48,6 +54,12 @@ from llamapool.worker.jobs import Jobs
 from llamapool.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("llamapool.worker")
+T = TypeVar("T")
+
+#: Seconds the worker waits for its backend's first check before dialing anyway. A backend
+#: that answers in time registers with its models (a Go server learns models only at
+#: register); a slower one, or one that hangs, sends them later, when its check answers.
+FIRST_CHECK_GRACE = 2.0
 
 
 class Agent:
@@ -76,6 +88,10 @@ class Agent:
         self._features: frozenset[str] = frozenset()
         self._awaiting_body: dict[str, ProxyRequest] = {}
         self._http: aiohttp.ClientSession | None = None
+        #: The status last sent on this connection: only a change is sent again.
+        self._status_sent = ""
+        #: Set once the backend was checked (whatever the answer).
+        self._checked = asyncio.Event()
 
     @property
     def last_heartbeat(self) -> float | None:
@@ -107,7 +123,8 @@ class Agent:
         )
         probe = asyncio.create_task(self._probe_forever())
         try:
-            await self.probe()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await _within(self._checked.wait(), FIRST_CHECK_GRACE)
             await self.dialer.run()
         finally:
             probe.cancel()
@@ -136,6 +153,7 @@ class Agent:
 
     async def on_connect(self, ws: Socket) -> None:
         self._features = frozenset()
+        self._status_sent = ""
         self.connected = True
         self.metrics.connected_to_server.set(1)
         log.info("worker_connected", url=self.dialer.url, models=len(self.models))
@@ -224,13 +242,20 @@ class Agent:
     # --- the backend --------------------------------------------------------------------------
 
     async def probe(self) -> None:
-        """Check the backend; tell the server when its health or its models changed."""
+        """Check the backend; tell the server when its health or its models changed.
+
+        A check that has no answer within ``probe_interval`` counts as the backend down: a
+        hung backend must not freeze the model list (the next check would wait behind it).
+        """
+        interval = self.cfg.probe_interval
         try:
-            models = sorted(set(await self.backend.list_models(self.http)))
-        except BackendError as exc:
+            models = sorted(set(await _within(self.backend.list_models(self.http), interval)))
+        except (BackendError, asyncio.TimeoutError) as exc:
+            error = str(exc) or f"{self.backend.base_url} did not answer within {interval:g}s"
+            error = without_credentials(error)
             if self.backend_up or not self.last_error.startswith("backend"):
-                log.error("backend_unreachable", backend=self.backend_name, error=str(exc))
-            self.last_error = f"backend: {exc}"
+                log.error("backend_unreachable", backend=self.backend_name, error=error)
+            self.last_error = f"backend: {error}"
             self._set_backend(up=False)
             await self._send_status()
             return
@@ -256,15 +281,36 @@ class Agent:
             await self.dialer.close(1000, "models changed")
 
     async def _send_status(self) -> None:
+        """Tell the server whether the worker takes requests, when that changed: a backend
+        that stays down is checked again and again, and is news once."""
         if FEATURE_STATUS_UPDATE not in self._features:
             return
         if self.draining:
             status = STATUS_DRAINING
         else:
             status = STATUS_READY if self.backend_up else STATUS_NOT_READY
-        await self.send(StatusUpdate(status))
+        if status != self._status_sent:
+            self._status_sent = status
+            await self.send(StatusUpdate(status))
 
     async def _probe_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.probe_interval)
             await self.probe()
+            self._checked.set()
+            await asyncio.sleep(self.cfg.probe_interval)
+
+
+async def _within(awaitable: Awaitable[T], timeout: float) -> T:
+    """What ``awaitable`` gives, or :class:`asyncio.TimeoutError` after ``timeout`` seconds.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it loses a cancel that comes as the awaitable
+    finishes, and a worker told to stop would go on probing.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        task.cancel()  # nothing to do once it is done
+    if not done:
+        raise asyncio.TimeoutError
+    return task.result()
