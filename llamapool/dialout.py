@@ -30,7 +30,6 @@ import structlog
 
 from llamapool import protocol
 from llamapool.errors import ConfigError
-from llamapool.log import without_credentials
 from llamapool.protocol import (
     CLOSE_ID_IN_USE,
     CLOSE_KEY_FULL,
@@ -41,6 +40,7 @@ from llamapool.protocol import (
     Register,
 )
 from llamapool.tls import client_context
+from llamapool.urls import without_credentials
 
 log = structlog.get_logger("llamapool")
 

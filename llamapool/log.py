@@ -95,21 +95,6 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return event_dict
 
 
-#: The userinfo of a URL (``user:password@`` after ``scheme://``), wherever it sits in a text.
-_USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")
-
-
-def without_credentials(text: str) -> str:
-    """``text`` with the credentials of every URL in it hidden: ``http://admin:pw@host/``
-    becomes ``http://***@host/``.
-
-    For the places a URL reaches a log line, an error message or ``/status`` (a dialed server,
-    a backend, an error that quotes them): an operator may put a password in ``SERVER_URL`` or
-    ``BACKEND_URL``, and the secret-named fields :func:`redact_secrets` masks do not cover it.
-    """
-    return _USERINFO.sub(REDACTED + "@", text) if "@" in text else text
-
-
 def _masked(value: object) -> object:
     if type(value) in _COUNTS or isinstance(value, (bool, int, float)):
         return value

@@ -25,7 +25,7 @@ import aiohttp
 import attrs
 
 from llamapool.errors import BackendError
-from llamapool.log import without_credentials
+from llamapool.urls import without_credentials
 
 __all__ = [
     "ANTHROPIC_PATHS",

@@ -24,7 +24,6 @@ from llamapool.log import (
     configure_logging,
     redact_secrets,
     reset_logging,
-    without_credentials,
 )
 
 log = structlog.get_logger("llamapool.test")
@@ -91,25 +90,6 @@ def test_key_never_reaches_a_json_log_line(capsys: pytest.CaptureFixture[str]) -
         event["worker_id"],
         event["level"],
     )
-
-
-@pytest.mark.parametrize(
-    ("text", "shown"),
-    [
-        ("ws://user:pw@pool:8080/workers/connect", "ws://***@pool:8080/workers/connect"),
-        (
-            "GET http://admin:pw@gpu:11434/api/tags failed",
-            "GET http://***@gpu:11434/api/tags failed",
-        ),
-        ("wss://token@pool/workers/connect", "wss://***@pool/workers/connect"),
-        ("http://gpu:11434/api/tags?owner=a@b", "http://gpu:11434/api/tags?owner=a@b"),
-        ("write to ops@example.com", "write to ops@example.com"),
-        ("http://***@gpu:11434", "http://***@gpu:11434"),
-    ],
-)
-def test_without_credentials_hides_the_userinfo_of_urls(text: str, shown: str) -> None:
-    """The ``user:password@`` of every URL in a text is hidden; the rest is left alone."""
-    assert shown == without_credentials(text)
 
 
 # --- stderr ---------------------------------------------------------------------------------

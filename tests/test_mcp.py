@@ -33,7 +33,6 @@ from llamapool.mcp import McpConfig
 from llamapool.server.appkeys import MCP
 from llamapool.server.cluster.endpoint import CLUSTER
 from llamapool.server.mcp_streams import Connection, Event, SessionStreams
-from llamapool.urls import url_for_logs
 from tests.cli_helpers import CLI_ENV_VARS, CliProcess, cli_env, cli_process
 from tests.conftest import WORKER_KEY, PoolServer, StartServer, wait_for
 from tests.redis_helpers import running_redis
@@ -280,20 +279,6 @@ async def test_upstream_url_credentials_stay_on_the_relay(
     for secret in ("UPSTREAMPW", "UPSTREAMQKEY", "bob", "FRAG"):
         assert secret not in error["message"]
         assert secret not in proc.stderr
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("http://127.0.0.1:8000/mcp", "http://127.0.0.1:8000/mcp"),
-        ("https://bob:pw@h.example/sse?key=k#f", "https://h.example/sse"),
-        ("http://tok@[::1]:81/a/b?x", "http://[::1]:81/a/b"),
-        ("http://u:p@w@h:1/", "http://h:1/"),
-    ],
-)
-def test_url_for_logs_drops_userinfo_query_and_fragment(url: str, shown: str) -> None:
-    """A URL as logs and error messages show it: scheme, host, port and path only."""
-    assert shown == url_for_logs(url)
 
 
 async def test_killed_mcp_server_ends_the_call(pool: PoolServer, tmp_path: Path) -> None:

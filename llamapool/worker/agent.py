@@ -25,7 +25,6 @@ from llamapool.build import build_info
 from llamapool.config import WorkConfig
 from llamapool.dialout import Dialer, DialSettings, Socket
 from llamapool.errors import BackendError, ProtocolError
-from llamapool.log import without_credentials
 from llamapool.plugin_api import Backend
 from llamapool.protocol import (
     FEATURE_BINARY_FRAMES,
@@ -50,6 +49,7 @@ from llamapool.protocol import (
     StatusUpdate,
     WireError,
 )
+from llamapool.urls import without_credentials
 from llamapool.worker.jobs import Jobs
 from llamapool.worker.metrics import WorkerMetrics
 

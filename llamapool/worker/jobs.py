@@ -21,7 +21,6 @@ import structlog
 from llamapool.config import MIB
 from llamapool.errors import BackendError
 from llamapool.headers import CLIENT_ONLY, RECOMPUTED, forwardable
-from llamapool.log import without_credentials
 from llamapool.plugin_api import Backend
 from llamapool.protocol import (
     Message,
@@ -31,6 +30,7 @@ from llamapool.protocol import (
     WireError,
     with_model,
 )
+from llamapool.urls import without_credentials
 from llamapool.worker import translate
 from llamapool.worker.metrics import WorkerMetrics
 
