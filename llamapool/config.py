@@ -14,6 +14,7 @@ import uuid
 import attrs
 
 from llamapool.errors import ConfigError
+from llamapool.urls import without_credentials
 
 DEFAULT_WS_PATH = "/workers/connect"
 MIB = 1024 * 1024
@@ -36,8 +37,20 @@ def check_server_urls(
     if not value:
         raise ConfigError("SERVER_URL must name at least one ws:// or wss:// URL")
     for url in value:
-        if not _SERVER_URL.match(url):
-            raise ConfigError(f"SERVER_URL must be a ws:// or wss:// URL, got {url!r}")
+        _check_url(url, "SERVER_URL", _SERVER_URL, "a ws:// or wss://")
+
+
+def _check_url(url: str, setting: str, form: re.Pattern[str], kind: str) -> None:
+    """A URL of ``form`` whose host and port parse; the error shows it without credentials."""
+    shown = without_credentials(url)
+    if not form.match(url):
+        raise ConfigError(f"{setting} must be {kind} URL, got {shown!r}")
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 (it parses the host and the port)
+    except ValueError:
+        raise ConfigError(
+            f"{setting} has a host or port that does not parse (a port is 0 to 65535): {shown!r}"
+        ) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -250,8 +263,8 @@ class WorkConfig:
     def _check_backend_url(self, _: attrs.Attribute[str], value: str) -> None:
         # Without a scheme (localhost:11434) every request would fail, each with an error
         # that does not say why; say it once, at start.
-        if value and not _BACKEND_URL.match(value):
-            raise ConfigError(f"BACKEND_URL must be an http:// or https:// URL, got {value!r}")
+        if value:
+            _check_url(value, "BACKEND_URL", _BACKEND_URL, "an http:// or https://")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

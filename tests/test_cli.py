@@ -174,6 +174,24 @@ def test_console_script_runs() -> None:
         ),
         pytest.param(["work", "--server-url", "not-a-url"], {}, "not-a-url", id="server-url"),
         pytest.param(
+            ["work", "--server-url", "ws://127.0.0.1:99999/workers/connect"],
+            {},
+            "SERVER_URL has a host or port",
+            id="server-url-port",
+        ),
+        pytest.param(
+            ["work", "--server-url", "ws://u:SECRETPW@h:99999/x"],
+            {},
+            "'ws://***@h:99999/x'",
+            id="server-url-credentials-hidden",
+        ),
+        pytest.param(
+            ["work"],
+            {"SERVER_URL": "ws://[::1/workers/connect"},
+            "SERVER_URL",
+            id="server-url-host",
+        ),
+        pytest.param(
             ["work", "--backend-url", "localhost:11434"], {}, "BACKEND_URL", id="backend-url"
         ),
         pytest.param(
