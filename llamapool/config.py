@@ -10,10 +10,12 @@ import re
 import socket
 import urllib.parse
 import uuid
+from collections.abc import Callable
 
 import attrs
 
 from llamapool.errors import ConfigError
+from llamapool.server import validate
 from llamapool.urls import without_credentials
 
 DEFAULT_WS_PATH = "/workers/connect"
@@ -211,6 +213,15 @@ def _check_cluster_url(url: str) -> None:
         raise ConfigError(f"CLUSTER_URL: {exc}") from None
 
 
+def _as_setting(check: Callable[[str, str], None], setting: str, value: str) -> None:
+    """Run one of the server's checks on a worker's own setting: the server would refuse the
+    worker for it at every reconnect; here it is one line at start."""
+    try:
+        check(setting, value)
+    except validate.Invalid as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _default_worker_id() -> str:
     return uuid.uuid4().hex
 
@@ -258,6 +269,14 @@ class WorkConfig:
     def _check_concurrency(self, _: attrs.Attribute[int], value: int) -> None:
         if value < 1:
             raise ConfigError(f"MAX_CONCURRENCY must be at least 1, got {value}")
+
+    @worker_id.validator
+    def _check_worker_id(self, _: attrs.Attribute[str], value: str) -> None:
+        _as_setting(validate.check_id, "WORKER_ID", value)
+
+    @worker_name.validator
+    def _check_worker_name(self, _: attrs.Attribute[str], value: str) -> None:
+        _as_setting(validate.check_text, "WORKER_NAME", value)
 
     @backend_url.validator
     def _check_backend_url(self, _: attrs.Attribute[str], value: str) -> None:

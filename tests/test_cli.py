@@ -232,6 +232,8 @@ def test_console_script_runs() -> None:
         ),
         pytest.param(["serve", "--processes", "2"], {}, "CLUSTER_URL", id="processes"),
         pytest.param(["serve", "--ws-path", "/healthz"], {}, "WS_PATH", id="ws-path-taken"),
+        pytest.param(["work", "--worker-id", "a b"], {}, "WORKER_ID", id="worker-id"),
+        pytest.param(["work"], {"WORKER_NAME": "n" * 200}, "WORKER_NAME", id="worker-name"),
         pytest.param(
             ["serve", "--port", "18320", "--metrics-port", "18320"],
             {},

@@ -32,7 +32,7 @@ from llamapool.protocol import (
     decode,
     encode,
 )
-from llamapool.testing import create_broken_app, fake_log
+from llamapool.testing import create_broken_app, create_fake_ollama_app, fake_log
 from llamapool.worker.agent import FIRST_CHECK_GRACE, Agent
 from llamapool.worker.loader import load_backend
 
@@ -194,3 +194,20 @@ async def test_the_server_logs_a_status_only_when_it_changed(pool_server: PoolSe
 
     changes = [e["status"] for e in logs if e["event"] == "worker_status_changed"]
     assert [STATUS_NOT_READY, STATUS_READY] == changes
+
+
+async def test_a_model_id_the_server_would_refuse_is_left_out_not_the_worker(
+    aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
+) -> None:
+    """A backend listing one id too long to serve: the worker registers with its other models
+    and says once what it left out (the server would refuse the whole register for it, at
+    every reconnect)."""
+    too_long = "m" * 300
+    backend = await aiohttp_server(create_fake_ollama_app(models=["llama3:8b", too_long]))
+    with capture_logs() as events:
+        agent = await start_worker(pool_server, "ollama", backend_url=url_of(backend))
+        await agent.probe()  # a second check of the same list says nothing new
+
+    assert ["llama3:8b"] == agent.models
+    assert ["llama3:8b"] == sorted(pool_server.pool.get(agent.cfg.worker_id).models)
+    assert [1] == [e["count"] for e in events if e["event"] == "backend_models_skipped"]

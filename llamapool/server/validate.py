@@ -33,10 +33,8 @@ class Invalid(ValueError):
 
 def check_register(register: Register, *, max_models: int) -> Register:
     """``register`` with its strings checked; raises :class:`Invalid` naming the problem."""
-    if register.worker_id and (
-        len(register.worker_id) > MAX_ID or not _ID.match(register.worker_id)
-    ):
-        raise Invalid(f"worker_id must be at most {MAX_ID} letters, digits or ._:@+=/-")
+    if register.worker_id:
+        check_id("worker_id", register.worker_id)
     for field, limit in (
         ("worker_name", MAX_NAME),
         ("version", MAX_SHORT),
@@ -45,14 +43,30 @@ def check_register(register: Register, *, max_models: int) -> Register:
         ("backend", MAX_SHORT),
         ("instance", MAX_SHORT),
     ):
-        value = getattr(register, field)
-        if len(value) > limit or not _PRINTABLE.match(value):
-            raise Invalid(f"{field} must be printable text of at most {limit} characters")
+        check_text(field, getattr(register, field), limit)
     if not 0 <= register.max_concurrency <= MAX_CONCURRENCY:
         raise Invalid(f"max_concurrency must be at most {MAX_CONCURRENCY}")
     if len(register.paths) > MAX_PATHS or not all(_is_path(p) for p in register.paths):
         raise Invalid(f"paths must be at most {MAX_PATHS} absolute API paths")
     return attrs.evolve(register, models=check_models(register.models, max_models=max_models))
+
+
+def check_id(field: str, worker_id: str) -> None:
+    """Worker ids become metric labels: plain characters only (workers check their own at
+    start, so a bad one is a setting's error there, not a refusal here forever)."""
+    if len(worker_id) > MAX_ID or not _ID.match(worker_id):
+        raise Invalid(f"{field} must be at most {MAX_ID} letters, digits or ._:@+=/-")
+
+
+def check_text(field: str, value: str, limit: int = MAX_NAME) -> None:
+    """Names and versions: printable, bounded."""
+    if len(value) > limit or not _PRINTABLE.match(value):
+        raise Invalid(f"{field} must be printable text of at most {limit} characters")
+
+
+def valid_model(model: str) -> bool:
+    """Whether ``model`` may be advertised (a worker drops the ids that may not)."""
+    return len(model) <= MAX_MODEL and bool(_TOKEN.match(model))
 
 
 def check_models(models: list[str], *, max_models: int) -> list[str]:
@@ -61,7 +75,7 @@ def check_models(models: list[str], *, max_models: int) -> list[str]:
     if len(unique) > max_models:
         raise Invalid(f"too many models: {len(unique)} (at most {max_models})")
     for model in unique:
-        if len(model) > MAX_MODEL or not _TOKEN.match(model):
+        if not valid_model(model):
             raise Invalid(f"model ids must be at most {MAX_MODEL} printable, spaceless characters")
     return unique
 

@@ -49,6 +49,7 @@ from llamapool.protocol import (
     StatusUpdate,
     WireError,
 )
+from llamapool.server.validate import MAX_MODEL, valid_model
 from llamapool.urls import without_credentials
 from llamapool.worker.jobs import Jobs
 from llamapool.worker.metrics import WorkerMetrics
@@ -261,8 +262,17 @@ class Agent:
             return
         was_up = self.backend_up
         self._set_backend(up=True)
-        if models != self.models:
-            self.models = models
+        # An id the server would refuse (too long, with spaces) would get the whole worker
+        # refused at every reconnect: it is left out, and said once per change of the list.
+        servable = [m for m in models if valid_model(m)]
+        if servable != self.models:
+            if len(servable) < len(models):
+                log.warning(
+                    "backend_models_skipped",
+                    count=len(models) - len(servable),
+                    reason=f"not servable ids (at most {MAX_MODEL} printable characters)",
+                )
+            models = self.models = servable
             log.info("backend_models_changed", models=len(models))
             if self.dialer.ws is not None:
                 await self._announce_models()
