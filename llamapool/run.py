@@ -22,6 +22,7 @@ from llamapool import eventloop
 from llamapool.backends.demo import DEMO_MODELS, DemoBackend
 from llamapool.config import ServeConfig, WorkConfig
 from llamapool.dialout import draining_on_signals
+from llamapool.errors import LlamapoolError
 from llamapool.listening import listen
 from llamapool.log import Throttle, throttled_loop_errors
 from llamapool.plugin_api import BackendSettings
@@ -38,7 +39,7 @@ from llamapool.server.resources import (
     tune_gc,
 )
 from llamapool.tls import server_context
-from llamapool.worker.agent import Agent
+from llamapool.worker.agent import Agent, plugin_failed
 from llamapool.worker.loader import load_backend
 from llamapool.worker.status import serving_status
 
@@ -194,7 +195,12 @@ async def work(cfg: WorkConfig) -> None:
     """A worker until SIGTERM or SIGINT: the first drains (finish in-flight requests within
     ``drain_timeout``), a second stops at once."""
     backend_cls = load_backend(cfg.backend)
-    backend = backend_cls(BackendSettings(url=cfg.backend_url, api_key=cfg.backend_api_key))
+    try:
+        backend = backend_cls(BackendSettings(url=cfg.backend_url, api_key=cfg.backend_api_key))
+    except LlamapoolError:
+        raise
+    except Exception as exc:  # a bug of the plugin's: one line, not a traceback
+        raise plugin_failed(cfg.backend, exc) from None
     agent = Agent(cfg, backend, backend_name=cfg.backend)
     async with serving_status(agent) as urls:  # an address in use stops it before it starts
         for url in urls:

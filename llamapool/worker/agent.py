@@ -24,7 +24,7 @@ from llamapool import protocol
 from llamapool.build import build_info
 from llamapool.config import WorkConfig
 from llamapool.dialout import Dialer, DialSettings, Socket
-from llamapool.errors import BackendError, ProtocolError
+from llamapool.errors import BackendError, LlamapoolError, PluginError, ProtocolError
 from llamapool.plugin_api import Backend
 from llamapool.protocol import (
     FEATURE_BINARY_FRAMES,
@@ -117,7 +117,12 @@ class Agent:
 
     async def run(self) -> None:
         """Serve until cancelled (or drained), reconnecting with backoff and jitter."""
-        await self.backend.start()
+        try:
+            await self.backend.start()
+        except LlamapoolError:
+            raise
+        except Exception as exc:  # a bug of the plugin's: one line, not a traceback
+            raise plugin_failed(self.backend_name, exc) from None
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         self._http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -253,12 +258,11 @@ class Agent:
             models = sorted(set(await _within(self.backend.list_models(self.http), interval)))
         except (BackendError, asyncio.TimeoutError) as exc:
             error = str(exc) or f"{self.backend.base_url} did not answer within {interval:g}s"
-            error = without_credentials(error)
-            if self.backend_up or not self.last_error.startswith("backend"):
-                log.error("backend_unreachable", backend=self.backend_name, error=error)
-            self.last_error = f"backend: {error}"
-            self._set_backend(up=False)
-            await self._send_status()
+            await self._backend_down(without_credentials(error))
+            return
+        except Exception as exc:  # a bug of the plugin's: the backend counts as down, the
+            error = f"the {self.backend_name} plugin failed: {type(exc).__name__}: {exc}"
+            await self._backend_down(without_credentials(error), exc)  # worker lives on
             return
         was_up = self.backend_up
         self._set_backend(up=True)
@@ -279,6 +283,14 @@ class Agent:
         if not was_up:
             log.info("backend_up", backend=self.backend_name, models=len(models))
             await self._send_status()
+
+    async def _backend_down(self, error: str, exc: Exception | None = None) -> None:
+        """Say so once (with the traceback of a plugin's bug), until the backend is back."""
+        if self.backend_up or not self.last_error.startswith("backend"):
+            log.error("backend_unreachable", backend=self.backend_name, error=error, exc_info=exc)
+        self.last_error = f"backend: {error}"
+        self._set_backend(up=False)
+        await self._send_status()
 
     def _set_backend(self, *, up: bool) -> None:
         self.backend_up = up
@@ -308,6 +320,13 @@ class Agent:
             await self.probe()
             self._checked.set()
             await asyncio.sleep(self.cfg.probe_interval)
+
+
+def plugin_failed(plugin: str, exc: Exception) -> PluginError:
+    """A plugin's own bug at start, as one line (without the credentials it may quote)."""
+    return PluginError(
+        without_credentials(f"the {plugin} plugin failed to start: {type(exc).__name__}: {exc}")
+    )
 
 
 async def _within(awaitable: Awaitable[T], timeout: float) -> T:
