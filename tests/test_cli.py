@@ -233,6 +233,18 @@ def test_console_script_runs() -> None:
         pytest.param(["serve", "--processes", "2"], {}, "CLUSTER_URL", id="processes"),
         pytest.param(["serve", "--ws-path", "/healthz"], {}, "WS_PATH", id="ws-path-taken"),
         pytest.param(["work", "--worker-id", "a b"], {}, "WORKER_ID", id="worker-id"),
+        pytest.param(
+            ["mcp", "--id", "x", "--command", "/no/such/program"],
+            {},
+            "--command: /no/such/program is not an executable program",
+            id="mcp-command",
+        ),
+        pytest.param(
+            ["mcp", "--id", "x", "--command", "python3 -V", "--cwd", "/no/such/dir"],
+            {},
+            "--cwd /no/such/dir is not a directory",
+            id="mcp-cwd",
+        ),
         pytest.param(["work"], {"WORKER_NAME": "n" * 200}, "WORKER_NAME", id="worker-name"),
         pytest.param(
             ["serve", "--port", "18320", "--metrics-port", "18320"],

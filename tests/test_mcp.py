@@ -236,10 +236,13 @@ async def test_unreachable_mcp_server_fails_initialize_at_once(
     """An MCP server that cannot be reached (a refused --url or --sse-url, a --command that
     does not start) answers initialize at once with JSON-RPC -32000; the relay logs why and
     leaves no task exception behind."""
+    not_a_program = tmp_path / "not-a-program"  # executable, but its interpreter is missing
+    not_a_program.write_text("#!/no/such/interpreter\n")
+    not_a_program.chmod(0o755)
     target = {
         "--url": f"http://127.0.0.1:{closed_port}/mcp",
         "--sse-url": f"http://127.0.0.1:{closed_port}/sse",
-        "--command": str(tmp_path / "no-such-server"),
+        "--command": str(not_a_program),
     }[option]
     async with relay(pool, option, target, markers=tmp_path) as proc:
         error = await initialize_error(pool)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 
 import structlog
 
@@ -21,12 +23,27 @@ from llamapool.urls import url_for_logs
 log = structlog.get_logger("llamapool.mcp")
 
 
+def _runnable(cfg: McpConfig) -> bool:
+    """Whether the command's program can be started as the session will start it: a path is
+    taken from ``--cwd``, a name looked up in the ``PATH`` it is given (``--env``) or ours."""
+    program = cfg.command[0]
+    if os.sep in program:
+        full = os.path.join(cfg.cwd, program) if cfg.cwd else program
+        return os.path.isfile(full) and os.access(full, os.X_OK)
+    return shutil.which(program, path=dict(cfg.env).get("PATH", os.environ.get("PATH"))) is not None
+
+
 def make_transport(cfg: McpConfig) -> Transport:
     """The transport ``cfg`` names: ``command`` (stdio), ``url`` (Streamable HTTP) or
     ``sse_url`` (HTTP+SSE)."""
     if [bool(cfg.command), bool(cfg.url), bool(cfg.sse_url)].count(True) != 1:
         raise ConfigError(ONE_TRANSPORT)
     if cfg.command:
+        # Checked now, not when the first client opens a session and gets an error instead.
+        if cfg.cwd and not os.path.isdir(cfg.cwd):
+            raise ConfigError(f"--cwd {cfg.cwd} is not a directory")
+        if not _runnable(cfg):
+            raise ConfigError(f"--command: {cfg.command[0]} is not an executable program")
         return StdioTransport(
             cfg.command, cwd=cfg.cwd, env=cfg.env, max_message_bytes=cfg.max_message_bytes
         )
