@@ -22,7 +22,7 @@ from llamapool._cli_options import (
     option,
     secret,
 )
-from llamapool._cli_types import ByteSize, format_size
+from llamapool._cli_types import MAX_COUNT, MAX_PROCESSES, ByteSize, format_size
 from llamapool.config import ServeConfig
 from llamapool.errors import ConfigError
 from llamapool.log import LogSettings
@@ -184,14 +184,14 @@ def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:
 @option(
     "--queue-size",
     envvar="QUEUE_SIZE",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_COUNT),
     default=field_default(ServeConfig, "queue_size"),
     help="Requests each key may have waiting per model while its workers are busy (0: none).",
 )
 @option(
     "--max-queued",
     envvar="MAX_QUEUED",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_COUNT),
     default=field_default(ServeConfig, "max_queued"),
     help="Requests that may wait at once over every model and key (0: no overall bound).",
 )
@@ -232,7 +232,7 @@ def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:
 @option(
     "--max-attempts",
     envvar="MAX_ATTEMPTS",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_COUNT),
     default=field_default(ServeConfig, "max_attempts"),
     help="Workers one request may be tried on when workers vanish before answering.",
 )
@@ -265,7 +265,7 @@ def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:
 @option(
     "--max-connections",
     envvar="MAX_CONNECTIONS",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_COUNT),
     default=field_default(ServeConfig, "max_connections"),
     help="Client connections at once; past that, slow ones are closed or new ones get 503.",
 )
@@ -293,14 +293,14 @@ def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:
 @option(
     "--max-workers",
     envvar="MAX_WORKERS",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_COUNT),
     default=field_default(ServeConfig, "max_workers"),
     help="Worker connections at once; more are refused.",
 )
 @option(
     "--max-models-per-worker",
     envvar="MAX_MODELS_PER_WORKER",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_COUNT),
     default=field_default(ServeConfig, "max_models_per_worker"),
     help="Models one worker may advertise.",
 )
@@ -349,7 +349,7 @@ def _keys(listed: str, path: str, setting: str) -> tuple[str, ...]:
 @option(
     "--processes",
     envvar="PROCESSES",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_PROCESSES),
     default=field_default(ServeConfig, "processes"),
     help="Server processes on this host, one per core: they share --port (SO_REUSEPORT) and "
     "form one pool through --cluster-url.",

@@ -20,6 +20,12 @@ from llamapool.errors import LlamapoolError
 MAX_DURATION = 365 * 24 * 3600.0
 #: The largest size any setting takes.
 MAX_SIZE = 1024**4
+#: The largest count any setting takes (queued requests, connections, workers, models): past
+#: it a value is a typo, and the kernel's open-file limit (``fs.nr_open``, 1,048,576 by
+#: default) holds connections below it anyway.
+MAX_COUNT = 1_000_000
+#: Server processes on one host: one a core.
+MAX_PROCESSES = 1024
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]

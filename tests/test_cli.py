@@ -234,6 +234,11 @@ def test_console_script_runs() -> None:
         pytest.param(["serve", "--ws-path", "/healthz"], {}, "WS_PATH", id="ws-path-taken"),
         pytest.param(["work", "--worker-id", "a b"], {}, "WORKER_ID", id="worker-id"),
         pytest.param(
+            ["serve", "--max-connections", "9" * 23], {}, "--max-connections", id="max-connections"
+        ),
+        pytest.param(["serve"], {"MAX_WORKERS": "9" * 23}, "MAX_WORKERS", id="max-workers"),
+        pytest.param(["serve", "--queue-size", "1000001"], {}, "--queue-size", id="queue-size"),
+        pytest.param(
             ["mcp", "--id", "x", "--command", "/no/such/program"],
             {},
             "--command: /no/such/program is not an executable program",
