@@ -3,11 +3,13 @@ against a real server, a real worker and a fake vLLM (or Open WebUI) that record
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from ollama import AsyncClient as OllamaClient
 from ollama import ResponseError
@@ -289,6 +291,44 @@ async def test_a_whole_answer_past_the_cap_is_a_502_in_ollamas_shape(
     limit = MAX_TRANSLATED_ANSWER // MIB
     error = f"the backend's answer is larger than the {limit} MiB the worker translates"
     assert (502, {"error": error}) == (status, body)
+
+
+async def test_an_error_body_that_never_ends_is_answered_from_its_start(
+    aiohttp_server: AiohttpServer, pool_server: PoolServer, start_worker: StartWorker
+) -> None:
+    """A backend that answers an error and then never ends its body: the worker reads the
+    start of it (where the message is), and the client gets the error at once, not when the
+    request times out."""
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def endless_error(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=503, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"error": {"message": "overloaded", "type": "server_error"}}')
+        for _ in range(6000):  # a minute of padding at most: bounded, and far past the answer
+            await response.write(b" " * 4096)
+            await asyncio.sleep(0.01)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", endless_error)
+    backend = await aiohttp_server(app)
+    await start_worker(pool_server, "vllm", backend_url=url_of(backend))
+
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.post(
+            pool_server.url + "/api/chat",
+            json={"model": MODEL, "messages": USER, "stream": False},
+            headers=pool_server.auth,
+        ) as r,
+    ):
+        status, body = r.status, await r.json()
+
+    assert (503, {"error": "overloaded"}) == (status, body)
 
 
 async def test_replayed_reasoning_and_tool_deltas_become_thinking_and_one_call(
