@@ -545,17 +545,7 @@ async def sse_event(response: aiohttp.ClientResponse) -> tuple[str, dict[str, An
 
 async def raw_session(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
     """Initialize a session with raw requests; the headers of its later requests."""
-    init = {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "0"},
-        },
-    }
-    async with http.post(url, json=init, headers=ACCEPT) as response:
+    async with http.post(url, json=INITIALIZE, headers=ACCEPT) as response:
         assert 200 == response.status
         headers = {**ACCEPT, "Mcp-Session-Id": response.headers["Mcp-Session-Id"]}
     headers["MCP-Protocol-Version"] = "2025-11-25"

@@ -56,6 +56,22 @@ def posted(backend: TestServer) -> list[tuple[str, Any]]:
     return [(r.path, r.json()) for r in fake_log(backend.app).requests if r.method == "POST"]
 
 
+async def chat_answer(
+    server: PoolServer, *, timeout: float = 300, **fields: Any
+) -> tuple[int, Any]:
+    """``POST /api/chat`` of :data:`USER` to :data:`MODEL` (plus ``fields``), as raw HTTP: the
+    status and the JSON body, whatever the status (the SDK would raise on an error)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
+        http.post(
+            server.url + "/api/chat",
+            json={"model": MODEL, "messages": USER, **fields},
+            headers=server.auth,
+        ) as r,
+    ):
+        return r.status, await r.json()
+
+
 def client(server: PoolServer) -> OllamaClient:
     return OllamaClient(host=server.url, headers=server.auth)
 
@@ -252,15 +268,7 @@ async def test_a_backend_error_keeps_its_status_in_ollamas_shape(
     )
     await start_worker(pool_server, "vllm", backend_url=url_of(backend))
 
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            pool_server.url + "/api/chat",
-            json={"model": MODEL, "messages": USER},
-            headers=pool_server.auth,
-        ) as r,
-    ):
-        status, body = r.status, await r.json()
+    status, body = await chat_answer(pool_server)
 
     assert (400, {"error": "temperature must be positive"}) == (status, body)
 
@@ -278,15 +286,7 @@ async def test_a_whole_answer_past_the_cap_is_a_502_in_ollamas_shape(
     )
     await start_worker(pool_server, "vllm", backend_url=url_of(backend))
 
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            pool_server.url + "/api/chat",
-            json={"model": MODEL, "messages": USER, "stream": False},
-            headers=pool_server.auth,
-        ) as r,
-    ):
-        status, body = r.status, await r.json()
+    status, body = await chat_answer(pool_server, stream=False)
 
     limit = MAX_TRANSLATED_ANSWER // MIB
     error = f"the backend's answer is larger than the {limit} MiB the worker translates"
@@ -318,15 +318,7 @@ async def test_an_error_body_that_never_ends_is_answered_from_its_start(
     backend = await aiohttp_server(app)
     await start_worker(pool_server, "vllm", backend_url=url_of(backend))
 
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
-        http.post(
-            pool_server.url + "/api/chat",
-            json={"model": MODEL, "messages": USER, "stream": False},
-            headers=pool_server.auth,
-        ) as r,
-    ):
-        status, body = r.status, await r.json()
+    status, body = await chat_answer(pool_server, stream=False, timeout=10)
 
     assert (503, {"error": "overloaded"}) == (status, body)
 
